@@ -1,0 +1,163 @@
+// The composition root: builds credentials, tenants, pools and the cancel registry from a loaded config,
+// listens for PostgreSQL clients, and gives each accepted socket a ClientSession. Owns process-wide
+// lifecycle (start, graceful close); every per-connection decision lives in session/.
+import { createServer, connect as netConnect, type Server, type Socket } from 'node:net';
+import { pino, type Logger } from 'pino';
+import { AdminServer } from './admin/server.js';
+import { CredentialStore } from './auth/credentials.js';
+import { primaryNode, splitAddress, type LoadedConfig } from './config/load.js';
+import type { Config } from './config/schema.js';
+import { bindText, cancelRequest, errorResponse, execute, parse, SYNC } from './protocol/messages.js';
+import { PoolManager } from './pool/manager.js';
+import { ServerConnection } from './pool/server-connection.js';
+import { CancelRegistry } from './session/cancel.js';
+import { ClientSession, type SessionContext } from './session/client-session.js';
+import { TenantRegistry } from './tenancy/registry.js';
+
+export interface StartOptions {
+  logger?: Logger;
+  /** Overrides listen_address (tests and the demo use free ports). */
+  listen?: { host: string; port: number };
+  /** Overrides admin_address; null disables the admin API. */
+  admin?: { host: string; port: number } | null;
+}
+
+export class ProxyServer {
+  readonly ctx: SessionContext;
+  readonly startedAt = Date.now();
+  private readonly server: Server;
+  private admin: AdminServer | null = null;
+  private authConn: Promise<ServerConnection> | null = null;
+  private authChain: Promise<unknown> = Promise.resolve();
+  port = 0;
+  host = '';
+
+  private constructor(
+    readonly loaded: LoadedConfig,
+    readonly log: Logger,
+  ) {
+    const config = loaded.config;
+    const node = primaryNode(config);
+    const credentials = new CredentialStore(config.auth, loaded.baseDir);
+    const tenants = new TenantRegistry(config.multi_tenancy);
+    const ctx: SessionContext = {
+      config,
+      credentials,
+      tenants,
+      pools: new PoolManager(config, { host: node.host, port: node.port }, credentials, () => tenants.all()),
+      cancels: new CancelRegistry(),
+      log,
+      sessions: new Set(),
+      sendCancel: (s) => this.sendCancel(s),
+      shuttingDown: false,
+    };
+    this.ctx = ctx;
+    credentials.setAuthQueryRunner((role) => this.runAuthQuery(role));
+    this.server = createServer({ noDelay: true }, (socket) => this.accept(socket));
+  }
+
+  static async start(loaded: LoadedConfig, opts: StartOptions = {}): Promise<ProxyServer> {
+    const log = opts.logger ?? pino({ level: loaded.config.log_level, base: { service: 'heliosproxy' } });
+    const proxy = new ProxyServer(loaded, log);
+    if (loaded.notEnforced.length > 0) {
+      log.warn(`WARNING: these keys load but are not enforced yet: ${loaded.notEnforced.join(', ')}`);
+    }
+    const listen = opts.listen ?? splitAddress(loaded.config.listen_address);
+    await new Promise<void>((resolve, reject) => {
+      proxy.server.once('error', reject);
+      proxy.server.listen(listen.port, listen.host, () => {
+        proxy.server.off('error', reject);
+        resolve();
+      });
+    });
+    const addr = proxy.server.address();
+    if (addr !== null && typeof addr === 'object') {
+      proxy.port = addr.port;
+      proxy.host = addr.address;
+    }
+    const adminAddr = opts.admin === undefined ? (loaded.config.admin_address ? splitAddress(loaded.config.admin_address) : null) : opts.admin;
+    if (adminAddr !== null) {
+      try {
+        proxy.admin = await AdminServer.start(proxy, adminAddr);
+      } catch (err) {
+        await proxy.close();
+        throw err;
+      }
+    }
+    const node = primaryNode(loaded.config);
+    log.info({ listen: `${proxy.host}:${proxy.port}`, admin: proxy.admin?.address ?? null, backend: `${node.host}:${node.port}`, mode: loaded.config.pool_mode.mode }, 'heliosproxy listening');
+    return proxy;
+  }
+
+  get config(): Config {
+    return this.ctx.config;
+  }
+
+  get adminPort(): number | null {
+    return this.admin?.port ?? null;
+  }
+
+  private accept(socket: Socket): void {
+    socket.on('error', () => {}); // a reset before the session attaches must not crash the process
+    if (this.ctx.shuttingDown) {
+      socket.end(errorResponse({ severity: 'FATAL', code: '57P01', message: 'the proxy is shutting down' }));
+      return;
+    }
+    const session = new ClientSession(socket, this.ctx);
+    this.ctx.sessions.add(session);
+  }
+
+  /** A CancelRequest travels on its own connection, as the protocol requires. */
+  private sendCancel(server: ServerConnection): void {
+    const s = netConnect({ host: server.target.host, port: server.target.port });
+    s.on('error', (err) => this.log.debug({ err: err.message }, 'cancel request failed'));
+    s.once('connect', () => s.end(cancelRequest(server.pid, server.secretKey)));
+    s.setTimeout(5000, () => s.destroy());
+  }
+
+  /** auth_query over one long-lived connection as auth_user, one lookup at a time. */
+  private runAuthQuery(role: string): Promise<string | null> {
+    const run = async (): Promise<string | null> => {
+      const auth = this.config.auth!;
+      if (this.authConn === null) {
+        const secret = this.ctx.credentials.authUserSecret();
+        if (secret === null) throw new Error(`auth.auth_user "${auth.auth_user}" has no entry in auth_file`);
+        const node = primaryNode(this.config);
+        this.authConn = ServerConnection.connect({ host: node.host, port: node.port, database: auth.auth_database, role: auth.auth_user! }, secret, 10_000);
+      }
+      let conn: ServerConnection;
+      try {
+        conn = await this.authConn;
+      } catch (err) {
+        this.authConn = null;
+        throw err;
+      }
+      if (conn.closed) {
+        this.authConn = null;
+        return run();
+      }
+      const res = await conn.exchange(Buffer.concat([parse('', auth.auth_query), bindText('', '', [role]), execute(''), SYNC]));
+      if (res.error !== null) throw res.error;
+      const row = res.rows[0];
+      return row === undefined ? null : (row[1] ?? null);
+    };
+    const p = this.authChain.then(run, run);
+    this.authChain = p.catch(() => undefined);
+    return p;
+  }
+
+  /** Stops accepting, ends every session with 57P01, closes pools. */
+  async close(): Promise<void> {
+    this.ctx.shuttingDown = true;
+    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+    for (const s of [...this.ctx.sessions]) s.fatal({ code: '57P01', message: 'terminating connection: the proxy is shutting down' });
+    this.ctx.pools.shutdown();
+    if (this.authConn !== null) this.authConn.then((c) => c.close(), () => undefined);
+    await this.admin?.close();
+  }
+}
+
+/** Starts a proxy for tests and the benchmark with pino silenced unless asked. */
+export function silentLogger(): Logger {
+  return pino({ level: process.env.HELIOS_LOG_LEVEL ?? 'silent' });
+}

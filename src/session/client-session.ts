@@ -1,0 +1,975 @@
+// session/ owns a client's life: StartupMessage → authentication → ReadyForQuery → relay → Terminate.
+// A byte from the client goes: framer → inbox → (needs a backend? checkout from the tenant's pool and bring
+// it in line) → forwardClientMessage → backend. A byte from the backend goes: framer → onServerMessage
+// (expect queue: synthesize, drop or forward) → client, and at ReadyForQuery with nothing in flight the
+// backend goes back to its pool (transaction/statement mode).
+import { randomBytes } from 'node:crypto';
+import type { Socket } from 'node:net';
+import type { Logger } from 'pino';
+import type { CredentialStore } from '../auth/credentials.js';
+import { md5Matches, md5Secret } from '../auth/md5.js';
+import { cachedDerive, mockScramKeys, ScramError, ScramServerExchange, type ScramKeys } from '../auth/scram.js';
+import type { Config } from '../config/schema.js';
+import { MessageFramer, ProtocolViolation, StartupFramer, type FrameSink } from '../protocol/framer.js';
+import {
+  AuthCode,
+  authentication,
+  authenticationSASL,
+  backendKeyData,
+  CANCEL_REQUEST_CODE,
+  CLOSE_COMPLETE,
+  decodeStartupParams,
+  errorResponse,
+  GSSENC_REQUEST_CODE,
+  Msg,
+  negotiateProtocolVersion,
+  PARSE_COMPLETE,
+  parameterStatus,
+  PROTOCOL_3_0,
+  quoteLiteral,
+  readCString,
+  readyForQuery,
+  SSL_REQUEST_CODE,
+  type ErrorFields,
+  type TxStatus,
+} from '../protocol/messages.js';
+import type { PoolManager } from '../pool/manager.js';
+import { AcquireTimeout, type Pool } from '../pool/pool.js';
+import { BackendError, BackendUnavailable, ServerConnection, type ServerRelay } from '../pool/server-connection.js';
+import { IdentifyError, type Identity, type TenantRegistry } from '../tenancy/registry.js';
+import type { CancelRegistry } from './cancel.js';
+import { Expect, ExpectQueue } from './expect.js';
+import { bindStatementSpan, isStatementTarget, parseNameSpan, renameIn, serverStatementName, targetSpan, type TrackedStatement } from './prepared.js';
+import { sessionParameters, StartupParamError, TRACKED_PARAMETERS } from './startup-params.js';
+
+/** Everything a session needs from the proxy around it. */
+export interface SessionContext {
+  config: Config;
+  credentials: CredentialStore;
+  tenants: TenantRegistry;
+  pools: PoolManager;
+  cancels: CancelRegistry;
+  log: Logger;
+  sessions: Set<ClientSession>;
+  /** Opens a short-lived connection to send a CancelRequest to a backend. */
+  sendCancel(server: ServerConnection): void;
+  shuttingDown: boolean;
+}
+
+const LOGIN_TIMEOUT_MS = 60_000;
+/** Backend statements kept per connection before the least recently used is closed. */
+const SERVER_STATEMENT_CACHE = 500;
+
+let nextSessionId = 1;
+
+/** SQL that can drop the proxy's search_path or session settings: re-apply them at the next request. */
+const RESETS_STATE = /\b(discard|reset|search_path|set_config|role|session\s+authorization)\b/i;
+const DROPS_STATEMENTS = /\b(discard|deallocate)\b/i;
+
+function isLoopback(addr: string | undefined): boolean {
+  return addr !== undefined && (addr === '::1' || addr.startsWith('127.') || addr.startsWith('::ffff:127.'));
+}
+
+type Phase = 'startup' | 'auth' | 'ready' | 'closed';
+
+export class ClientSession implements ServerRelay {
+  readonly id = nextSessionId++;
+  readonly connectedAt = Date.now();
+  private phase: Phase = 'startup';
+  private log: Logger;
+
+  private readonly startupFramer = new StartupFramer();
+  private readonly framer = new MessageFramer();
+  private readonly loginTimer: NodeJS.Timeout;
+
+  // authentication: messages are awaited one at a time
+  private authInbox: Buffer[] = [];
+  private authWaiter: ((m: Buffer) => void) | null = null;
+
+  identity: Identity | null = null;
+  private desired = new Map<string, string>();
+  private cancelKey: { pid: number; secret: number } | null = null;
+
+  // backend
+  private pool: Pool | null = null;
+  private server: ServerConnection | null = null;
+  private readonly expect = new ExpectQueue();
+  private txStatus: TxStatus = 'I';
+  /** Set by a statement that may have dropped the proxy's SETs; checked when the next request starts. */
+  private reapply = false;
+  private dropStatementsAtReady = false;
+  private reapplyAtReady = false;
+
+  // client messages not yet forwarded (waiting for a backend), kept as offsets into the chunks that carried them
+  private inBufs: Buffer[] = [];
+  private inStarts: number[] = [];
+  private inEnds: number[] = [];
+  private inHead = 0;
+  private blocked = false;
+
+  // runs of consecutive bytes to forward unchanged, written as one subarray
+  private toServerBuf: Buffer | null = null;
+  private toServerStart = 0;
+  private toServerEnd = 0;
+  private toClientBuf: Buffer | null = null;
+  private toClientStart = 0;
+  private toClientEnd = 0;
+
+  /** Client statement name → backend statement (track mode only). */
+  private readonly statements = new Map<string, TrackedStatement>();
+
+  private readonly inboxSink: FrameSink = {
+    message: (buf, start, end) => {
+      this.inBufs.push(buf);
+      this.inStarts.push(start);
+      this.inEnds.push(end);
+    },
+    batchEnd: () => this.drainInbox(),
+  };
+
+  private readonly authSink: FrameSink = {
+    message: (buf, start, end) => {
+      const msg = buf.subarray(start, end);
+      if (this.authWaiter !== null) {
+        const w = this.authWaiter;
+        this.authWaiter = null;
+        w(msg);
+      } else this.authInbox.push(msg);
+    },
+    batchEnd: () => {},
+  };
+
+  constructor(
+    readonly socket: Socket,
+    private readonly ctx: SessionContext,
+  ) {
+    this.log = ctx.log.child({ conn: this.id, client: `${socket.remoteAddress}:${socket.remotePort}` });
+    socket.setNoDelay(true);
+    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    socket.on('error', (err) => this.log.debug({ err: err.message }, 'client socket error'));
+    socket.on('close', () => this.cleanup());
+    this.loginTimer = setTimeout(() => {
+      if (this.phase !== 'ready') this.fatal({ code: '08P01', message: 'login timed out' });
+    }, LOGIN_TIMEOUT_MS);
+    this.loginTimer.unref();
+  }
+
+  get tenantId(): string | null {
+    return this.identity?.tenant.id ?? null;
+  }
+
+  get transactionStatus(): TxStatus {
+    return this.txStatus;
+  }
+
+  get hasServer(): boolean {
+    return this.server !== null;
+  }
+
+  // ── bytes from the client ──────────────────────────────────────────────────────────
+
+  private onData(chunk: Buffer): void {
+    try {
+      if (this.phase === 'ready') this.framer.feed(chunk, this.inboxSink);
+      else if (this.phase === 'auth') this.framer.feed(chunk, this.authSink);
+      else if (this.phase === 'startup') {
+        this.startupFramer.push(chunk);
+        this.pumpStartup();
+      }
+    } catch (err) {
+      this.protocolError(err);
+    }
+  }
+
+  private protocolError(err: unknown): void {
+    const message = err instanceof ProtocolViolation ? err.message : 'malformed message';
+    this.log.warn({ err: String(err) }, 'protocol violation');
+    this.fatal({ code: '08P01', message });
+  }
+
+  private pumpStartup(): void {
+    for (;;) {
+      if (this.phase !== 'startup') return;
+      const msg = this.startupFramer.next();
+      if (msg === null) return;
+      const code = msg.readInt32BE(4);
+      if (code === SSL_REQUEST_CODE || code === GSSENC_REQUEST_CODE) {
+        // TLS arrives in its own issue; 'N' tells the client to go on in plaintext.
+        this.socket.write('N');
+        continue;
+      }
+      if (code === CANCEL_REQUEST_CODE) {
+        if (msg.length === 16) this.ctx.cancels.cancel(msg.readInt32BE(8), msg.readInt32BE(12));
+        this.phase = 'closed';
+        this.socket.destroy();
+        return;
+      }
+      if (code >> 16 !== 3) {
+        this.fatal({ code: '0A000', message: `unsupported frontend protocol ${code >> 16}.${code & 0xffff}: server supports 3.0` });
+        return;
+      }
+      const rest = this.startupFramer.takeRest();
+      this.phase = 'auth';
+      this.startSession(msg, code).catch((err: unknown) => this.loginFailed(err));
+      if (rest.length > 0) this.framer.feed(rest, this.authSink);
+      return;
+    }
+  }
+
+  // ── startup and authentication ─────────────────────────────────────────────────────
+
+  private async startSession(msg: Buffer, code: number): Promise<void> {
+    const params = decodeStartupParams(msg);
+    const unsupported = [...params.keys()].filter((k) => k.startsWith('_pq_.'));
+    if (code !== PROTOCOL_3_0 || unsupported.length > 0) this.socket.write(negotiateProtocolVersion(0, unsupported));
+    if (this.ctx.shuttingDown) throw new LoginRefused({ code: '57P01', message: 'the proxy is shutting down' });
+
+    const user = params.get('user');
+    if (user === undefined || user === '') throw new LoginRefused({ code: '28000', message: 'no PostgreSQL user name specified in startup packet' });
+    let identity: Identity;
+    try {
+      identity = this.ctx.tenants.identify(user, params.get('database'));
+    } catch (err) {
+      if (err instanceof IdentifyError) throw new LoginRefused({ code: err.code, message: err.message, ...(err.detail ? { detail: err.detail } : {}) });
+      throw err;
+    }
+    try {
+      this.desired = sessionParameters(params);
+    } catch (err) {
+      if (err instanceof StartupParamError) throw new LoginRefused({ code: '08P01', message: err.message });
+      throw err;
+    }
+    this.identity = identity;
+    const tenant = identity.tenant;
+    this.log = this.log.child({ tenant: tenant.id, user });
+    tenant.clients++;
+    this.pool = this.ctx.pools.poolFor(tenant, identity.role);
+
+    const verified = await this.authenticate(identity);
+    const server = verified ?? (await this.acquireServer());
+    try {
+      await this.bringInLine(server);
+    } catch (err) {
+      this.pool.release(server, false, tenant);
+      throw err;
+    }
+
+    this.cancelKey = this.ctx.cancels.register(this);
+    const out: Buffer[] = [authentication(AuthCode.Ok)];
+    for (const [name, value] of server.params) out.push(parameterStatus(name, value));
+    out.push(backendKeyData(this.cancelKey.pid, this.cancelKey.secret), readyForQuery('I'));
+    this.socket.write(Buffer.concat(out));
+    clearTimeout(this.loginTimer);
+    if (this.socket.destroyed) {
+      this.pool.release(server, true, tenant);
+      return;
+    }
+    this.attach(server);
+    if (this.ctx.config.pool_mode.mode !== 'session') this.releaseServer(true);
+    this.phase = 'ready';
+    this.log.debug('client ready');
+    // Anything the client pipelined after its password is already framed into authInbox.
+    const early = this.authInbox.splice(0);
+    for (const m of early) this.inboxSink.message(m, 0, m.length);
+    if (early.length > 0) this.drainInbox();
+  }
+
+  private loginFailed(err: unknown): void {
+    if (err instanceof LoginRefused) {
+      this.log.info({ code: err.fields.code, reason: err.fields.message }, 'login refused');
+      this.fatal(err.fields);
+    } else if (err instanceof BackendError) {
+      this.log.info({ code: err.code, reason: err.message }, 'backend refused login');
+      this.fatal({ code: err.code, message: err.message, ...(err.fields.get('D') ? { detail: err.fields.get('D')! } : {}) });
+    } else if (err instanceof AcquireTimeout) {
+      this.fatal({ code: '53300', message: err.message });
+    } else if (err instanceof BackendUnavailable || err instanceof ScramError) {
+      this.log.warn({ err: err.message }, 'login failed');
+      this.fatal({ code: '08006', message: err.message });
+    } else if (err instanceof ProtocolViolation) {
+      this.protocolError(err);
+    } else {
+      this.log.error({ err: String(err) }, 'login failed unexpectedly');
+      this.fatal({ code: 'XX000', message: 'internal error during login' });
+    }
+  }
+
+  private nextAuthMessage(): Promise<Buffer> {
+    const m = this.authInbox.shift();
+    if (m !== undefined) return Promise.resolve(m);
+    return new Promise((resolve) => (this.authWaiter = resolve));
+  }
+
+  private async expectPassword(): Promise<Buffer> {
+    const m = await this.nextAuthMessage();
+    if (m[0] !== Msg.PasswordMessage) throw new ProtocolViolation(`expected password response, got message type 0x${m[0]!.toString(16)}`);
+    return m.subarray(5);
+  }
+
+  private authFailed(): LoginRefused {
+    return new LoginRefused({ code: '28P01', message: `password authentication failed for user "${this.identity!.clientUser}"` });
+  }
+
+  /**
+   * Proves the client knows the role's password. Returns a backend connection when proving it took one
+   * (passthrough mode: the backend judged the cleartext password), else null.
+   */
+  private async authenticate(identity: Identity): Promise<ServerConnection | null> {
+    const creds = this.ctx.credentials;
+    const role = identity.role;
+    if (creds.passthrough) {
+      if (!isLoopback(this.socket.remoteAddress)) {
+        throw new LoginRefused({
+          code: '28000',
+          message: 'cleartext password passthrough is only allowed from loopback clients',
+          hint: 'Configure [auth] (auth_file or auth_query) to accept remote clients.',
+        });
+      }
+      this.socket.write(authentication(AuthCode.CleartextPassword));
+      const body = await this.expectPassword();
+      const password = readCString(body, 0, body.length)[0];
+      if ((await creds.verifyLearned(role, password)) === 'match') return null;
+      try {
+        const server = await this.pool!.acquire(identity.tenant, { kind: 'plain', password });
+        creds.learn(role, server.derivedKeys !== null ? { kind: 'scram', keys: server.derivedKeys } : { kind: 'plain', password });
+        return server;
+      } catch (err) {
+        if (err instanceof BackendError && err.code === '28P01') throw this.authFailed();
+        throw err;
+      }
+    }
+
+    const secret = await creds.lookup(role);
+    if (secret === null) {
+      await this.scramExchange(mockScramKeys());
+      throw this.authFailed();
+    }
+    if (secret.kind === 'md5' || (secret.kind === 'plain' && creds.authType === 'md5')) {
+      const stored = secret.kind === 'md5' ? secret.hash : md5Secret(secret.password, role);
+      const salt = randomBytes(4);
+      this.socket.write(authentication(AuthCode.MD5Password, salt));
+      const body = await this.expectPassword();
+      if (!md5Matches(stored, salt, readCString(body, 0, body.length)[0])) throw this.authFailed();
+      return null;
+    }
+    const keys: ScramKeys = secret.kind === 'scram' ? secret.keys : await plainVerifier(role, secret.password);
+    const clientKey = await this.scramExchange(keys);
+    if (clientKey === null) throw this.authFailed();
+    if (secret.kind === 'scram') creds.learn(role, { kind: 'scram', keys: { ...secret.keys, clientKey } });
+    return null;
+  }
+
+  /** Runs SCRAM-SHA-256 with the client; resolves to its ClientKey, or null for a wrong password. */
+  private async scramExchange(keys: ScramKeys): Promise<Buffer | null> {
+    this.socket.write(authenticationSASL(['SCRAM-SHA-256']));
+    const first = await this.expectPassword();
+    const [mechanism, afterMech] = readCString(first, 0, first.length);
+    if (mechanism !== 'SCRAM-SHA-256' || afterMech < 0 || afterMech + 4 > first.length) {
+      throw new LoginRefused({ code: '28000', message: `unsupported SASL mechanism "${mechanism}"` });
+    }
+    const len = first.readInt32BE(afterMech);
+    const exchange = new ScramServerExchange(keys);
+    const serverFirst = exchange.clientFirst(first.subarray(afterMech + 4, afterMech + 4 + Math.max(0, len)));
+    this.socket.write(authentication(AuthCode.SASLContinue, serverFirst));
+    const final = exchange.clientFinal(await this.expectPassword());
+    if (final === null) return null;
+    this.socket.write(authentication(AuthCode.SASLFinal, final.serverFinal));
+    return final.clientKey;
+  }
+
+  // ── backend checkout ───────────────────────────────────────────────────────────────
+
+  private acquireServer(): Promise<ServerConnection> {
+    return this.pool!.acquire(this.identity!.tenant);
+  }
+
+  /**
+   * Makes a backend carry this client's tenant and settings: a reset when it last served someone else's
+   * state, then the tenant's search_path and the client's GUCs, in one round trip.
+   */
+  private async bringInLine(server: ServerConnection): Promise<void> {
+    const tenant = this.identity!.tenant;
+    const owner = tenant.ownerKey;
+    const sqls: string[] = [];
+    if (server.owner !== owner && server.owner !== null) {
+      // Isolation is not optional: a connection changing tenant is always reset, even with reset_query = "".
+      sqls.push(this.ctx.config.pool_mode.reset_query.trim() || 'DISCARD ALL');
+      server.applied.clear();
+      server.prepared.clear();
+    }
+    const sets: string[] = [];
+    if (tenant.searchPath !== null && server.applied.get('search_path') !== tenant.searchPath) {
+      sets.push(`SET search_path TO ${tenant.searchPath}`);
+    }
+    for (const [k, v] of this.desired) if (server.applied.get(k) !== v) sets.push(`SET ${k} TO ${quoteLiteral(v)}`);
+    for (const k of server.applied.keys()) if (k !== 'search_path' && !this.desired.has(k)) sets.push(`RESET ${k}`);
+    if (sets.length > 0) sqls.push(sets.join('; '));
+    if (sqls.length > 0) {
+      server.owner = null; // until it is known to be in line
+      await server.run(sqls);
+      for (const k of [...server.applied.keys()]) if (k !== 'search_path' && !this.desired.has(k)) server.applied.delete(k);
+      for (const [k, v] of this.desired) server.applied.set(k, v);
+      if (tenant.searchPath !== null) server.applied.set('search_path', tenant.searchPath);
+    }
+    server.owner = owner;
+    this.reapply = false;
+  }
+
+  private attach(server: ServerConnection): void {
+    this.server = server;
+    server.attach(this);
+  }
+
+  /** Returns the backend to its pool. Only with nothing in flight. */
+  private releaseServer(reusable: boolean): void {
+    const server = this.server;
+    if (server === null) return;
+    this.flushToClient();
+    server.detach();
+    this.server = null;
+    this.pool!.release(server, reusable, this.identity!.tenant);
+  }
+
+  // ── client messages in the ready phase ─────────────────────────────────────────────
+
+  private drainInbox(): void {
+    if (this.blocked || this.phase !== 'ready') return;
+    const sock = this.server?.socket;
+    sock?.cork();
+    try {
+      while (this.inHead < this.inBufs.length) {
+        const buf = this.inBufs[this.inHead]!;
+        const start = this.inStarts[this.inHead]!;
+        const end = this.inEnds[this.inHead]!;
+        const type = buf[start]!;
+        if (type === Msg.Terminate) {
+          this.flushToServer();
+          this.terminate();
+          return;
+        }
+        if (this.server === null) {
+          if (this.answerWithoutServer(type, buf, start, end)) {
+            this.inHead++;
+            continue;
+          }
+          this.block(this.checkoutForRequest());
+          return;
+        }
+        if (this.expect.length === 0 && (this.reapply || this.server.owner !== this.identity!.tenant.ownerKey) && this.server.txStatus !== 'E') {
+          this.flushToServer();
+          this.block(this.bringInLine(this.server));
+          return;
+        }
+        this.inHead++;
+        this.forwardClientMessage(buf, start, end, type);
+      }
+      this.flushToServer();
+      this.inBufs.length = 0;
+      this.inStarts.length = 0;
+      this.inEnds.length = 0;
+      this.inHead = 0;
+    } finally {
+      sock?.uncork();
+    }
+  }
+
+  /** Stops reading the client until `work` is done, then picks up where the inbox left off. */
+  private block(work: Promise<void>): void {
+    this.blocked = true;
+    this.socket.pause();
+    work.then(
+      () => {
+        this.blocked = false;
+        if (this.phase !== 'ready') return;
+        this.socket.resume();
+        this.drainInbox();
+      },
+      (err: unknown) => {
+        this.blocked = false;
+        if (err instanceof AcquireTimeout) {
+          this.log.warn({ reason: 'acquire_timeout' }, err.message);
+          this.fatal({ code: '53300', message: err.message });
+        } else if (err instanceof BackendError) {
+          this.fatal({ code: err.code, message: err.message });
+        } else {
+          this.log.warn({ err: String(err) }, 'no backend for request');
+          this.fatal({ code: '08006', message: `could not get a backend connection: ${err instanceof Error ? err.message : String(err)}` });
+        }
+      },
+    );
+  }
+
+  private async checkoutForRequest(): Promise<void> {
+    const server = await this.acquireServer();
+    try {
+      await this.bringInLine(server);
+    } catch (err) {
+      this.pool!.release(server, false, this.identity!.tenant);
+      throw err;
+    }
+    if (this.phase !== 'ready') {
+      this.pool!.release(server, true, this.identity!.tenant);
+      return;
+    }
+    this.attach(server);
+  }
+
+  /** Between transactions some messages need no backend at all. Returns false when one is needed. */
+  private answerWithoutServer(type: number, buf: Buffer, start: number, end: number): boolean {
+    switch (type) {
+      case Msg.Sync:
+        this.socket.write(readyForQuery(this.txStatus));
+        return true;
+      case Msg.Flush:
+      case Msg.CopyData:
+      case Msg.CopyDone:
+      case Msg.CopyFail:
+        return true; // PostgreSQL ignores these outside COPY
+      case Msg.Close:
+        if (this.tracking && isStatementTarget(buf, start)) {
+          const span = targetSpan(buf, start, end);
+          if (span !== null && span[1] > span[0]) {
+            this.statements.delete(buf.toString('utf8', span[0], span[1]));
+            this.socket.write(CLOSE_COMPLETE);
+            return true;
+          }
+        }
+        return false;
+      default:
+        return false;
+    }
+  }
+
+  private get tracking(): boolean {
+    const pm = this.ctx.config.pool_mode;
+    return pm.prepared_statement_mode === 'track' && pm.mode !== 'session';
+  }
+
+  private forwardClientMessage(buf: Buffer, start: number, end: number, type: number): void {
+    switch (type) {
+      case Msg.Query:
+        this.noteStateChanges(buf, start + 5, end);
+        this.expect.push(Expect.Sync);
+        break;
+      case Msg.Sync:
+      case Msg.FunctionCall:
+        this.expect.push(Expect.Sync);
+        break;
+      case Msg.Execute:
+        this.expect.push(Expect.Execute);
+        break;
+      case Msg.Parse:
+        if (this.tracking && this.trackParse(buf, start, end)) return;
+        this.noteStateChanges(buf, start + 5, end);
+        this.expect.push(Expect.Parse);
+        break;
+      case Msg.Bind: {
+        this.expect.push(Expect.Bind);
+        if (this.tracking && this.forwardRenamed(buf, start, end, bindStatementSpan(buf, start, end))) return;
+        break;
+      }
+      case Msg.Describe:
+        this.expect.push(Expect.Describe);
+        if (this.tracking && isStatementTarget(buf, start) && this.forwardRenamed(buf, start, end, targetSpan(buf, start, end))) return;
+        break;
+      case Msg.Close:
+        if (this.tracking && isStatementTarget(buf, start)) {
+          const span = targetSpan(buf, start, end);
+          const name = span === null ? '' : buf.toString('utf8', span[0], span[1]);
+          if (name !== '' && this.statements.delete(name)) {
+            // The backend keeps it for whoever needs it next; the client sees it closed.
+            this.expect.push(Expect.SynthCloseComplete);
+            this.emitSynthesized();
+            return;
+          }
+        }
+        this.expect.push(Expect.Close);
+        break;
+      default:
+        break; // Flush, CopyData, CopyDone, CopyFail and anything else go through untouched
+    }
+    this.toServer(buf, start, end);
+  }
+
+  /** A named Parse: answer it locally when this backend already has the statement, else send it renamed. */
+  private trackParse(buf: Buffer, start: number, end: number): boolean {
+    const span = parseNameSpan(buf, start, end);
+    if (span === null || span[1] === span[0]) return false; // unnamed: per-connection by nature
+    const name = buf.toString('utf8', span[0], span[1]);
+    const serverName = serverStatementName(this.identity!.tenant.ownerKey, buf, span[1] + 1, end);
+    const max = this.ctx.config.pool_mode.max_prepared_statements;
+    if (!this.statements.has(name) && this.statements.size >= max) {
+      this.fatal({ code: '53400', message: `too many prepared statements: max_prepared_statements is ${max}` });
+      return true;
+    }
+    this.noteStateChanges(buf, span[1] + 1, end);
+    const tracked: TrackedStatement = { serverName, parse: renameIn(buf, start, end, span[0], span[1], serverName) };
+    this.statements.set(name, tracked);
+    const server = this.server!;
+    if (server.prepared.has(serverName)) {
+      server.prepared.delete(serverName);
+      server.prepared.set(serverName, true);
+      this.expect.push(Expect.SynthParseComplete);
+      this.emitSynthesized();
+    } else {
+      this.prepareOnServer(server, tracked, Expect.Parse);
+    }
+    return true;
+  }
+
+  /** Sends a tracked Parse, evicting the backend's least recently used statement when its cache is full. */
+  private prepareOnServer(server: ServerConnection, s: TrackedStatement, kind: Expect.Parse | Expect.DropParse): void {
+    if (server.prepared.size >= SERVER_STATEMENT_CACHE) {
+      const oldest = server.prepared.keys().next().value as string;
+      server.prepared.delete(oldest);
+      this.toServerOwn(closeStatementMessage(oldest));
+      this.expect.push(Expect.DropClose);
+    }
+    server.prepared.set(s.serverName, true);
+    this.toServerOwn(s.parse);
+    this.expect.push(kind, s.serverName);
+  }
+
+  /** Bind/Describe of a tracked statement: make sure this backend has it, then forward with its backend name. */
+  private forwardRenamed(buf: Buffer, start: number, end: number, span: [number, number] | null): boolean {
+    if (span === null || span[1] === span[0]) return false;
+    const tracked = this.statements.get(buf.toString('utf8', span[0], span[1]));
+    if (tracked === undefined) return false; // unknown: the backend answers "does not exist"
+    const server = this.server!;
+    // The Bind/Describe entry is already queued; an injected Parse must answer before it.
+    const entry = this.expect.popLast();
+    if (!server.prepared.has(tracked.serverName)) this.prepareOnServer(server, tracked, Expect.DropParse);
+    else {
+      server.prepared.delete(tracked.serverName);
+      server.prepared.set(tracked.serverName, true);
+    }
+    this.expect.push(entry);
+    this.toServerOwn(renameIn(buf, start, end, span[0], span[1], tracked.serverName));
+    return true;
+  }
+
+  /** Statements that may drop the proxy's settings or the backend's prepared statements, noted for ReadyForQuery. */
+  private noteStateChanges(buf: Buffer, from: number, end: number): void {
+    // latin1 decoding is a straight byte copy: enough for keyword tests, and no UTF-8 validation cost.
+    const text = buf.toString('latin1', from, end);
+    if (RESETS_STATE.test(text)) this.reapplyAtReady = true;
+    if (DROPS_STATEMENTS.test(text)) this.dropStatementsAtReady = true;
+  }
+
+  // ── writing ────────────────────────────────────────────────────────────────────────
+
+  private toServer(buf: Buffer, start: number, end: number): void {
+    if (this.toServerBuf === buf && this.toServerEnd === start) {
+      this.toServerEnd = end;
+      return;
+    }
+    this.flushToServer();
+    this.toServerBuf = buf;
+    this.toServerStart = start;
+    this.toServerEnd = end;
+  }
+
+  private toServerOwn(msg: Buffer): void {
+    this.flushToServer();
+    this.writeServer(msg);
+  }
+
+  private flushToServer(): void {
+    const b = this.toServerBuf;
+    if (b === null) return;
+    this.toServerBuf = null;
+    this.writeServer(b.subarray(this.toServerStart, this.toServerEnd));
+  }
+
+  private writeServer(data: Buffer): void {
+    const server = this.server;
+    if (server === null) return;
+    if (!server.write(data) && !this.socket.isPaused()) {
+      // Backpressure: stop reading the client until the backend drains.
+      this.socket.pause();
+      server.socket.once('drain', () => {
+        if (!this.blocked && this.phase === 'ready') this.socket.resume();
+      });
+    }
+  }
+
+  private toClient(buf: Buffer, start: number, end: number): void {
+    if (this.toClientBuf === buf && this.toClientEnd === start) {
+      this.toClientEnd = end;
+      return;
+    }
+    this.flushToClient();
+    this.toClientBuf = buf;
+    this.toClientStart = start;
+    this.toClientEnd = end;
+  }
+
+  private toClientOwn(msg: Buffer): void {
+    this.flushToClient();
+    this.writeClient(msg);
+  }
+
+  private flushToClient(): void {
+    const b = this.toClientBuf;
+    if (b === null) return;
+    this.toClientBuf = null;
+    this.writeClient(b.subarray(this.toClientStart, this.toClientEnd));
+  }
+
+  private writeClient(data: Buffer): void {
+    if (this.socket.destroyed) return;
+    const server = this.server;
+    if (!this.socket.write(data) && server !== null && !server.socket.isPaused()) {
+      // Backpressure: a slow client holds its backend's results in the kernel, not in our memory.
+      server.socket.pause();
+      this.socket.once('drain', () => server.socket.resume());
+    }
+  }
+
+  /** Writes the responses the proxy answers itself once everything before them was relayed. */
+  private emitSynthesized(): void {
+    for (;;) {
+      const head = this.expect.peek();
+      if (head === Expect.SynthParseComplete) this.toClientOwn(PARSE_COMPLETE);
+      else if (head === Expect.SynthCloseComplete) this.toClientOwn(CLOSE_COMPLETE);
+      else return;
+      this.expect.shift();
+    }
+  }
+
+  // ── bytes from the backend ─────────────────────────────────────────────────────────
+
+  message(buf: Buffer, start: number, end: number): void {
+    const type = buf[start]!;
+    switch (type) {
+      case Msg.DataRow:
+        this.toClient(buf, start, end);
+        return;
+      case Msg.ParseComplete:
+      case Msg.CloseComplete: {
+        const head = this.expect.peek();
+        if (head !== Expect.DropParse && head !== Expect.DropClose) this.toClient(buf, start, end);
+        this.expect.shift();
+        this.emitSynthesized();
+        return;
+      }
+      case Msg.BindComplete:
+        this.toClient(buf, start, end);
+        this.expect.shift();
+        this.emitSynthesized();
+        return;
+      case Msg.RowDescription:
+      case Msg.NoData:
+        this.toClient(buf, start, end);
+        if (this.expect.peek() === Expect.Describe) {
+          this.expect.shift();
+          this.emitSynthesized();
+        }
+        return;
+      case Msg.CommandComplete:
+      case Msg.EmptyQueryResponse:
+      case Msg.PortalSuspended:
+        this.toClient(buf, start, end);
+        if (this.expect.peek() === Expect.Execute) {
+          this.expect.shift();
+          this.emitSynthesized();
+        }
+        return;
+      case Msg.ErrorResponse:
+        this.toClient(buf, start, end);
+        this.skipUntilSync();
+        return;
+      case Msg.ReadyForQuery:
+        this.onReadyForQuery(buf, start, end);
+        return;
+      case Msg.ParameterStatus:
+        this.onParameterStatus(buf, start, end);
+        return;
+      default:
+        this.toClient(buf, start, end);
+    }
+  }
+
+  batchEnd(): void {
+    this.flushToClient();
+  }
+
+  /** After an error PostgreSQL ignores everything up to Sync: so does the expect queue. */
+  private skipUntilSync(): void {
+    const server = this.server;
+    for (;;) {
+      const head = this.expect.peek();
+      if (head === undefined || head === Expect.Sync) return;
+      if ((head === Expect.Parse || head === Expect.DropParse) && server !== null) {
+        const name = this.expect.peekPayload();
+        if (name !== null) server.prepared.delete(name); // it never got prepared
+      }
+      this.expect.shift();
+    }
+  }
+
+  private onParameterStatus(buf: Buffer, start: number, end: number): void {
+    const server = this.server!;
+    server.noteParameterStatus(buf, start, end);
+    const [name, next] = readCString(buf, start + 5, end);
+    const key = name.toLowerCase();
+    if (next > 0 && TRACKED_PARAMETERS.has(key)) {
+      // The client changed a reported setting itself: it follows the client to its next backend.
+      const value = readCString(buf, next, end)[0];
+      this.desired.set(key, value);
+      server.applied.set(key, value);
+    }
+    this.toClient(buf, start, end);
+  }
+
+  private onReadyForQuery(buf: Buffer, start: number, end: number): void {
+    const server = this.server!;
+    const status = String.fromCharCode(buf[start + 5]!) as TxStatus;
+    server.txStatus = status;
+    while (this.expect.length > 0 && this.expect.peek() !== Expect.Sync) this.expect.shift();
+    this.expect.shift();
+    if (this.dropStatementsAtReady) {
+      this.dropStatementsAtReady = false;
+      server.prepared.clear();
+    }
+    if (this.reapplyAtReady) {
+      this.reapplyAtReady = false;
+      this.reapply = true;
+      server.applied.clear();
+    }
+    const mode = this.ctx.config.pool_mode.mode;
+    if (mode === 'statement' && status !== 'I' && this.expect.length === 0) {
+      this.refuseTransactionBlock(server);
+      return;
+    }
+    this.txStatus = status;
+    this.toClient(buf, start, end);
+    this.emitSynthesized();
+    if (this.expect.length === 0 && status === 'I' && mode !== 'session') {
+      if (this.reapply) server.owner = null; // the next client must get a fresh SET, not a RESET-ed connection
+      this.releaseServer(true);
+    }
+  }
+
+  /** Statement mode: a transaction block was opened. Roll it back and tell the client why. */
+  private refuseTransactionBlock(server: ServerConnection): void {
+    this.flushToClient();
+    server.detach();
+    this.server = null;
+    const fields: ErrorFields = {
+      severity: 'ERROR',
+      code: '25001',
+      message: 'transaction blocks are not allowed in statement pooling mode',
+      hint: 'Each statement runs on its own; use transaction pooling for BEGIN … COMMIT.',
+    };
+    server.run(['ROLLBACK']).then(
+      () => this.pool!.release(server, true, this.identity!.tenant),
+      () => this.pool!.release(server, false, this.identity!.tenant),
+    );
+    this.txStatus = 'I';
+    this.writeClient(Buffer.concat([errorResponse(fields), readyForQuery('I')]));
+  }
+
+  serverClosed(conn: ServerConnection, err: Error | null): void {
+    if (this.server !== conn) return;
+    this.flushToClient();
+    this.server = null;
+    this.pool!.release(conn, false, this.identity!.tenant);
+    this.log.warn({ err: err?.message }, 'backend connection lost while serving the client');
+    this.fatal({ code: '08006', message: 'server connection closed unexpectedly' });
+  }
+
+  // ── cancel and close ───────────────────────────────────────────────────────────────
+
+  /** Forwards a CancelRequest to the backend serving this client now; nothing when none is working for it. */
+  cancel(): void {
+    const server = this.server;
+    if (server !== null && this.expect.length > 0) this.ctx.sendCancel(server);
+  }
+
+  private terminate(): void {
+    this.phase = 'closed';
+    this.socket.end();
+    this.cleanup();
+  }
+
+  /** Sends a FATAL error and closes. */
+  fatal(fields: Omit<ErrorFields, 'severity'>): void {
+    if (this.phase === 'closed' && this.socket.destroyed) return;
+    this.phase = 'closed';
+    if (!this.socket.destroyed) this.socket.end(errorResponse({ severity: 'FATAL', ...fields }));
+    this.cleanup();
+  }
+
+  private cleanedUp = false;
+
+  /** Gives everything back: the backend (reset or closed), the cancel key, the tenant's count. */
+  private cleanup(): void {
+    if (this.cleanedUp) return;
+    this.cleanedUp = true;
+    this.phase = 'closed';
+    clearTimeout(this.loginTimer);
+    this.ctx.sessions.delete(this);
+    if (this.cancelKey !== null) this.ctx.cancels.unregister(this.cancelKey.pid);
+    if (this.identity !== null) this.identity.tenant.clients--;
+    const server = this.server;
+    if (server === null) return;
+    this.server = null;
+    server.detach();
+    const pool = this.pool!;
+    const tenant = this.identity!.tenant;
+    if (this.expect.length > 0) {
+      // Mid-request: stop the backend's work and drop the connection; PostgreSQL rolls back.
+      this.ctx.sendCancel(server);
+      pool.release(server, false, tenant);
+      return;
+    }
+    const sqls: string[] = [];
+    if (server.txStatus !== 'I') sqls.push('ROLLBACK');
+    if (this.ctx.config.pool_mode.mode === 'session' && this.ctx.config.pool_mode.reset_query.trim() !== '') {
+      sqls.push(this.ctx.config.pool_mode.reset_query);
+    }
+    if (sqls.length === 0) {
+      pool.release(server, true, tenant);
+      return;
+    }
+    server.run(sqls).then(
+      () => {
+        if (sqls.length > 1 || sqls[0] !== 'ROLLBACK') {
+          server.applied.clear();
+          server.prepared.clear();
+        }
+        pool.release(server, true, tenant);
+      },
+      () => pool.release(server, false, tenant),
+    );
+  }
+}
+
+/** A login the proxy refuses, with the FATAL the client gets. */
+class LoginRefused extends Error {
+  constructor(readonly fields: Omit<ErrorFields, 'severity'>) {
+    super(fields.message);
+  }
+}
+
+function closeStatementMessage(name: string): Buffer {
+  const nameBuf = Buffer.from(name + '\0', 'utf8');
+  const out = Buffer.allocUnsafe(6 + nameBuf.length);
+  out[0] = Msg.Close;
+  out.writeInt32BE(5 + nameBuf.length, 1);
+  out[5] = 0x53;
+  nameBuf.copy(out, 6);
+  return out;
+}
+
+/** A SCRAM verifier for a plaintext auth_file entry: one salt per role for the process, derived once. */
+const plainSalts = new Map<string, Buffer>();
+function plainVerifier(role: string, password: string): Promise<ScramKeys> {
+  let salt = plainSalts.get(role);
+  if (salt === undefined) {
+    salt = randomBytes(16);
+    plainSalts.set(role, salt);
+  }
+  return cachedDerive(password, salt, 4096);
+}

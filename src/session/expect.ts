@@ -1,0 +1,69 @@
+// session/ owns a client's life from StartupMessage to Terminate. This file is the queue of responses a
+// ClientSession still expects from its backend, in request order. It is what lets the proxy answer some
+// requests itself (a Parse it already prepared on this connection), swallow responses to requests it
+// injected, honour PostgreSQL's skip-until-Sync after an error, and know exactly when a transaction-mode
+// connection has nothing in flight and can be released.
+
+export const enum Expect {
+  /** Answered by ParseComplete; payload: proxy statement name when the proxy names it, else null. */
+  Parse = 1,
+  Bind,
+  Describe,
+  Execute,
+  Close,
+  /** Ends at ReadyForQuery: Sync, simple Query, FunctionCall. */
+  Sync,
+  /** Responses the backend will send for messages the proxy injected: dropped, not forwarded. */
+  DropParse,
+  DropClose,
+  /** Responses the proxy writes itself, in order, without the backend. */
+  SynthParseComplete,
+  SynthCloseComplete,
+}
+
+/** A FIFO of small ints with a parallel payload slot, reused across requests to avoid per-message objects. */
+export class ExpectQueue {
+  private kinds: Expect[] = [];
+  private payloads: (string | null)[] = [];
+  private head = 0;
+
+  get length(): number {
+    return this.kinds.length - this.head;
+  }
+
+  push(kind: Expect, payload: string | null = null): void {
+    this.kinds.push(kind);
+    this.payloads.push(payload);
+  }
+
+  peek(): Expect | undefined {
+    return this.kinds[this.head];
+  }
+
+  peekPayload(): string | null {
+    return this.payloads[this.head] ?? null;
+  }
+
+  /** Removes and returns the newest entry (only right after a push). */
+  popLast(): Expect {
+    this.payloads.pop();
+    return this.kinds.pop()!;
+  }
+
+  shift(): void {
+    this.head++;
+    if (this.head === this.kinds.length) this.clear();
+  }
+
+  clear(): void {
+    this.kinds.length = 0;
+    this.payloads.length = 0;
+    this.head = 0;
+  }
+
+  /** Whether a Sync-like entry is pending (something will end with ReadyForQuery). */
+  hasSync(): boolean {
+    for (let i = this.head; i < this.kinds.length; i++) if (this.kinds[i] === Expect.Sync) return true;
+    return false;
+  }
+}

@@ -1,0 +1,166 @@
+// tenancy/ owns who a connection belongs to: turning a StartupMessage's user and database into a Tenant,
+// a backend role and a backend database, and the runtime Tenant objects (settings plus live counters).
+import type { Config, IsolationConfig, TenantConfig, TenantDefaults, TenantPoolConfig } from '../config/schema.js';
+import { quoteIdent } from '../protocol/messages.js';
+
+export class Tenant {
+  /** Live counters, read by pools and the admin API. */
+  clients = 0;
+  backendsInUse = 0;
+
+  readonly strategy: 'schema' | 'database';
+  readonly database: string;
+  readonly schema: string | null;
+  /** search_path the proxy keeps on every backend connection the tenant uses (schema isolation only). */
+  readonly searchPath: string | null;
+  /** Database names a client may give for this tenant. */
+  readonly databaseNames: string[];
+
+  constructor(
+    readonly id: string,
+    readonly name: string,
+    isolation: IsolationConfig,
+    readonly pool: TenantPoolConfig,
+    /** Configured in proxy.toml, auto-created, or an unknown tenant let through. */
+    readonly origin: 'configured' | 'auto' | 'passthrough',
+  ) {
+    this.strategy = isolation.strategy;
+    this.database = isolation.database_name ?? id;
+    this.schema = isolation.strategy === 'schema' ? (isolation.schema_name ?? id) : null;
+    this.searchPath = this.schema === null ? null : `${quoteIdent(this.schema)}, public`;
+    this.databaseNames = [...new Set([this.database, id, `${id}_db`])];
+  }
+
+  /** Identifies whose session state a backend connection carries; unknown tenants never share with known ones. */
+  get ownerKey(): string {
+    return this.origin === 'passthrough' ? `\0passthrough:${this.database}` : this.id;
+  }
+
+  get maxBackends(): number {
+    return this.pool.max_connections;
+  }
+
+  static fromConfig(t: TenantConfig): Tenant {
+    return new Tenant(t.id, t.name ?? t.id, t.isolation, t.pool, 'configured');
+  }
+}
+
+export interface Identity {
+  tenant: Tenant;
+  role: string;
+  /** The user name exactly as the client sent it (PostgreSQL's messages use it). */
+  clientUser: string;
+}
+
+/** Why a connection was refused, as the FATAL the client will get. */
+export class IdentifyError extends Error {
+  constructor(
+    readonly code: string,
+    message: string,
+    readonly detail?: string,
+  ) {
+    super(message);
+  }
+}
+
+export class TenantRegistry {
+  private readonly byId = new Map<string, Tenant>();
+  /** Database name → tenant, only for names that identify exactly one tenant. */
+  private readonly byDatabase = new Map<string, Tenant>();
+  private readonly ambiguousDatabases = new Set<string>();
+  private readonly passthrough = new Map<string, Tenant>();
+
+  constructor(private readonly config: Config['multi_tenancy']) {
+    for (const t of config.tenants) this.add(Tenant.fromConfig(t));
+  }
+
+  private add(t: Tenant): void {
+    this.byId.set(t.id, t);
+    for (const name of t.databaseNames) {
+      if (this.ambiguousDatabases.has(name)) continue;
+      const other = this.byDatabase.get(name);
+      if (other !== undefined && other !== t) {
+        this.byDatabase.delete(name);
+        this.ambiguousDatabases.add(name);
+      } else this.byDatabase.set(name, t);
+    }
+  }
+
+  get(id: string): Tenant | undefined {
+    return this.byId.get(id);
+  }
+
+  all(): Tenant[] {
+    return [...this.byId.values()];
+  }
+
+  /** Maps a StartupMessage's user and database to a tenant, backend role and database, or throws IdentifyError. */
+  identify(user: string, database: string | undefined): Identity {
+    // libpq sends the user name as the database when none is given: that means "the tenant's database".
+    const givenDb = database === undefined || database === '' || database === user ? undefined : database;
+    const mt = this.config;
+    if (!mt.enabled) return this.letThrough(user, user, givenDb);
+
+    if (mt.identification.method === 'database_name') {
+      if (givenDb === undefined) {
+        throw new IdentifyError('28000', 'no database given: with database_name identification the database names the tenant');
+      }
+      const tenant = this.byDatabase.get(givenDb) ?? this.byId.get(givenDb);
+      if (tenant !== undefined) return { tenant, role: user, clientUser: user };
+      if (this.ambiguousDatabases.has(givenDb)) {
+        throw new IdentifyError('28000', `database "${givenDb}" is shared by several tenants and does not identify one`, 'Connect with the tenant\'s own name, such as "<tenant>_db".');
+      }
+      return this.unknown(givenDb, user, user, givenDb);
+    }
+
+    const sep = mt.identification.separator;
+    const at = user.indexOf(sep);
+    if (at <= 0 || at + sep.length >= user.length) {
+      if (mt.allow_unknown_tenants) return this.letThrough(user, user, givenDb);
+      throw new IdentifyError('28000', `user "${user}" does not name a tenant`, `Expected "<tenant>${sep}<role>", for example "acme${sep}appuser".`);
+    }
+    const tenantId = user.slice(0, at);
+    const role = user.slice(at + sep.length);
+    const tenant = this.byId.get(tenantId);
+    if (tenant === undefined) return this.unknown(tenantId, role, user, givenDb);
+    this.checkDatabase(tenant, givenDb);
+    return { tenant, role, clientUser: user };
+  }
+
+  private checkDatabase(tenant: Tenant, givenDb: string | undefined): void {
+    if (givenDb === undefined || tenant.databaseNames.includes(givenDb)) return;
+    throw new IdentifyError('42501', `permission denied for database "${givenDb}"`, `Tenant "${tenant.id}" uses database "${tenant.database}".`);
+  }
+
+  /** An id no configured tenant has: create it, let it through, or refuse, as multi_tenancy says. */
+  private unknown(tenantId: string, role: string, clientUser: string, givenDb: string | undefined): Identity {
+    const mt = this.config;
+    if (mt.auto_create_tenants && mt.defaults?.isolation !== undefined && /^[A-Za-z0-9_][A-Za-z0-9_$-]{0,62}$/.test(tenantId)) {
+      if (this.byId.size >= mt.max_tenants) {
+        throw new IdentifyError('53300', `cannot create tenant "${tenantId}": max_tenants (${mt.max_tenants}) reached`);
+      }
+      const tenant = fromDefaults(tenantId, mt.defaults);
+      this.add(tenant);
+      this.checkDatabase(tenant, givenDb);
+      return { tenant, role, clientUser };
+    }
+    if (mt.allow_unknown_tenants) return this.letThrough(role, clientUser, givenDb);
+    throw new IdentifyError('28000', `unknown tenant "${tenantId}"`);
+  }
+
+  /** No tenant isolation: the role and database go to the backend as given. */
+  private letThrough(role: string, clientUser: string, givenDb: string | undefined): Identity {
+    const database = givenDb ?? role;
+    let tenant = this.passthrough.get(database);
+    if (tenant === undefined) {
+      const d = this.config.defaults;
+      tenant = new Tenant('(unknown)', 'unidentified connections', { strategy: 'database', database_name: database }, d?.pool ?? { max_connections: 20, dedicated_pool: false }, 'passthrough');
+      this.passthrough.set(database, tenant);
+    }
+    return { tenant, role, clientUser };
+  }
+}
+
+function fromDefaults(id: string, d: TenantDefaults): Tenant {
+  return new Tenant(id, id, d.isolation!, d.pool, 'auto');
+}
