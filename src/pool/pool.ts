@@ -114,6 +114,22 @@ export class Pool {
     }
   }
 
+  /**
+   * The hot path of transaction pooling: an idle connection handed over synchronously, with no promise or
+   * timer, when nobody is queued ahead and no test is due. Null means "use acquire()".
+   */
+  tryTake(tenant: Tenant): ServerConnection | null {
+    if (this.waiters.length > 0 || this.idle.length === 0 || tenant.backendsInUse >= tenant.maxBackends) return null;
+    const conn = this.takeIdle(tenant.ownerKey)!;
+    if (this.limits.testOnAcquire && Date.now() - conn.lastUsedAt >= TEST_AFTER_IDLE_MS) {
+      this.idle.push(conn);
+      return null;
+    }
+    tenant.backendsInUse++;
+    this.busy.add(conn);
+    return conn;
+  }
+
   /** Serves waiters in FIFO order as far as idle connections and caps allow. */
   pump(): void {
     for (let i = 0; i < this.waiters.length; ) {

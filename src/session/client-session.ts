@@ -63,8 +63,10 @@ const SERVER_STATEMENT_CACHE = 500;
 let nextSessionId = 1;
 
 /** SQL that can drop the proxy's search_path or session settings: re-apply them at the next request. */
-const RESETS_STATE = /\b(discard|reset|search_path|set_config|role|session\s+authorization)\b/i;
-const DROPS_STATEMENTS = /\b(discard|deallocate)\b/i;
+// A heuristic on raw text until statements are classified by PostgreSQL's parser: it may fire on a comment
+// (costing one extra SET round trip), never miss the plain forms.
+const RESETS_STATE = /\b(discard\s+all|reset\s+(all|search_path|role|session)|set\s+(local\s+|session\s+)?(role|session\s+authorization|search_path)|set_config)\b/i;
+const DROPS_STATEMENTS = /\b(discard\s+all|deallocate)\b/i;
 
 function isLoopback(addr: string | undefined): boolean {
   return addr !== undefined && (addr === '::1' || addr.startsWith('127.') || addr.startsWith('::ffff:127.'));
@@ -387,7 +389,21 @@ export class ClientSession implements ServerRelay {
    * Makes a backend carry this client's tenant and settings: a reset when it last served someone else's
    * state, then the tenant's search_path and the client's GUCs, in one round trip.
    */
+  /** Whether a backend already carries exactly this client's tenant and settings (the common case). */
+  private inLine(server: ServerConnection): boolean {
+    const tenant = this.identity!.tenant;
+    if (this.reapply || server.owner !== tenant.ownerKey) return false;
+    if (tenant.searchPath !== null && server.applied.get('search_path') !== tenant.searchPath) return false;
+    let matched = tenant.searchPath === null ? 0 : 1;
+    for (const [k, v] of this.desired) {
+      if (server.applied.get(k) !== v) return false;
+      matched++;
+    }
+    return matched === server.applied.size;
+  }
+
   private async bringInLine(server: ServerConnection): Promise<void> {
+    if (this.inLine(server)) return;
     const tenant = this.identity!.tenant;
     const owner = tenant.ownerKey;
     const sqls: string[] = [];
@@ -434,7 +450,7 @@ export class ClientSession implements ServerRelay {
 
   private drainInbox(): void {
     if (this.blocked || this.phase !== 'ready') return;
-    const sock = this.server?.socket;
+    let sock = this.server?.socket;
     sock?.cork();
     try {
       while (this.inHead < this.inBufs.length) {
@@ -452,12 +468,20 @@ export class ClientSession implements ServerRelay {
             this.inHead++;
             continue;
           }
-          this.block(this.checkoutForRequest());
-          return;
-        }
-        if (this.expect.length === 0 && (this.reapply || this.server.owner !== this.identity!.tenant.ownerKey) && this.server.txStatus !== 'E') {
+          // Fast path: an idle backend already in line is attached without leaving this loop.
+          const ready = this.pool!.tryTake(this.identity!.tenant);
+          if (ready !== null && this.inLine(ready)) {
+            this.attach(ready);
+            sock = ready.socket;
+            sock.cork();
+          } else {
+            this.block(this.checkoutForRequest(ready));
+            return;
+          }
+        } else if (this.expect.length === 0 && this.server.txStatus !== 'E' && !this.inLine(this.server)) {
+          // Session mode (or between statements of a transaction): a statement dropped the proxy's settings.
           this.flushToServer();
-          this.block(this.bringInLine(this.server));
+          this.block(this.resync(this.server));
           return;
         }
         this.inHead++;
@@ -499,8 +523,18 @@ export class ClientSession implements ServerRelay {
     );
   }
 
-  private async checkoutForRequest(): Promise<void> {
-    const server = await this.acquireServer();
+  /** Re-applies the tenant's settings on the attached backend; it must be detached while the proxy talks to it. */
+  private async resync(server: ServerConnection): Promise<void> {
+    server.detach();
+    try {
+      await this.bringInLine(server);
+    } finally {
+      if (this.server === server && !server.closed) server.attach(this);
+    }
+  }
+
+  private async checkoutForRequest(taken: ServerConnection | null): Promise<void> {
+    const server = taken ?? (await this.acquireServer());
     try {
       await this.bringInLine(server);
     } catch (err) {
@@ -845,10 +879,7 @@ export class ClientSession implements ServerRelay {
     this.txStatus = status;
     this.toClient(buf, start, end);
     this.emitSynthesized();
-    if (this.expect.length === 0 && status === 'I' && mode !== 'session') {
-      if (this.reapply) server.owner = null; // the next client must get a fresh SET, not a RESET-ed connection
-      this.releaseServer(true);
-    }
+    if (this.expect.length === 0 && status === 'I' && mode !== 'session') this.releaseServer(true);
   }
 
   /** Statement mode: a transaction block was opened. Roll it back and tell the client why. */

@@ -1,0 +1,98 @@
+// Starts an in-process HeliosProxy in front of the run's throwaway PostgreSQL: the reference proxy.toml
+// with the primary pointed at that cluster, free ports, and any changes a test needs (as TOML text edits
+// or as a patch of the parsed config).
+import { readFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import pg from 'pg';
+import { parseConfig, primaryNode, type LoadedConfig } from '../../src/config/load.js';
+import type { Config } from '../../src/config/schema.js';
+import { ProxyServer, silentLogger } from '../../src/server.js';
+import { testPg } from './pg.js';
+
+const root = dirname(dirname(dirname(fileURLToPath(import.meta.url))));
+export const REFERENCE_TOML = readFileSync(join(root, 'examples', 'proxy.toml'), 'utf8');
+
+export interface TestProxy {
+  proxy: ProxyServer;
+  port: number;
+  adminPort: number | null;
+  /** node-postgres client config for a user/database through the proxy. */
+  clientConfig(user: string, database?: string, password?: string): pg.ClientConfig;
+  /** Connects a node-postgres client through the proxy. */
+  connect(user: string, database?: string, password?: string): Promise<pg.Client>;
+  close(): Promise<void>;
+}
+
+export interface ProxyOptions {
+  /** Transforms the reference TOML text before parsing (to add sections, change keys). */
+  toml?: (text: string) => string;
+  /** Mutates the parsed config (mode, limits). */
+  patch?: (c: Config) => void;
+  mode?: 'session' | 'transaction' | 'statement';
+  admin?: boolean;
+  /** Directory relative paths (auth_file) resolve against. */
+  baseDir?: string;
+}
+
+export function loadTestConfig(opts: ProxyOptions = {}): LoadedConfig {
+  const text = opts.toml ? opts.toml(REFERENCE_TOML) : REFERENCE_TOML;
+  const loaded = parseConfig(text, 'test proxy.toml', opts.baseDir ?? root);
+  const node = primaryNode(loaded.config);
+  const db = testPg();
+  node.host = db.host;
+  node.port = db.port;
+  if (opts.mode !== undefined) loaded.config.pool_mode.mode = opts.mode;
+  opts.patch?.(loaded.config);
+  return loaded;
+}
+
+export async function startProxy(opts: ProxyOptions = {}): Promise<TestProxy> {
+  const loaded = loadTestConfig(opts);
+  const proxy = await ProxyServer.start(loaded, {
+    logger: silentLogger(),
+    listen: { host: '127.0.0.1', port: 0 },
+    admin: opts.admin ? { host: '127.0.0.1', port: 0 } : null,
+  });
+  const clientConfig = (user: string, database?: string, password = 'apppass'): pg.ClientConfig => ({
+    host: '127.0.0.1',
+    port: proxy.port,
+    user,
+    password,
+    ...(database !== undefined ? { database } : {}),
+  });
+  return {
+    proxy,
+    port: proxy.port,
+    adminPort: proxy.adminPort,
+    clientConfig,
+    async connect(user, database, password) {
+      const c = new pg.Client(clientConfig(user, database, password));
+      await c.connect();
+      return c;
+    },
+    close: () => proxy.close(),
+  };
+}
+
+/** Runs SQL directly against the test cluster as the superuser through node-postgres. */
+export async function direct<T extends pg.QueryResultRow = pg.QueryResultRow>(sql: string, database = 'postgres', params: unknown[] = []): Promise<T[]> {
+  const db = testPg();
+  const c = new pg.Client({ host: db.host, port: db.port, user: db.superuser, password: db.password, database });
+  await c.connect();
+  try {
+    return (await c.query<T>(sql, params)).rows;
+  } finally {
+    await c.end();
+  }
+}
+
+/** Polls `check` until it returns true or `ms` pass. */
+export async function eventually(check: () => Promise<boolean> | boolean, ms = 5000, what = 'condition'): Promise<void> {
+  const until = Date.now() + ms;
+  for (;;) {
+    if (await check()) return;
+    if (Date.now() > until) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
