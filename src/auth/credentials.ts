@@ -7,6 +7,9 @@ import { isMd5Secret } from './md5.js';
 import { cachedDerive, parseScramVerifier, type ScramKeys } from './scram.js';
 import { parseUserlist } from './userlist.js';
 
+/** How long a password verified by the backend (zero-config mode) is trusted before the backend is asked again. */
+const LEARNED_TTL_MS = 60_000;
+
 export type Secret =
   | { kind: 'plain'; password: string }
   | { kind: 'md5'; hash: string }
@@ -27,6 +30,7 @@ export class CredentialStore {
   /** Secrets usable for backend logins, refined as clients log in (a SCRAM proof yields the ClientKey). */
   private backendSecrets = new Map<string, Secret>();
   private authQuery: AuthQueryRunner | null = null;
+  private learnedAt = new Map<string, number>();
 
   constructor(
     private readonly auth: Config['auth'],
@@ -100,6 +104,7 @@ export class CredentialStore {
   /** Records what a successful login taught the proxy (a ClientKey, or keys derived from a cleartext password). */
   learn(role: string, secret: Secret): void {
     this.backendSecrets.set(role, secret);
+    this.learnedAt.set(role, Date.now());
   }
 
   forget(role: string): void {
@@ -112,7 +117,8 @@ export class CredentialStore {
    */
   async verifyLearned(role: string, password: string): Promise<'match' | 'unknown'> {
     const s = this.backendSecrets.get(role);
-    if (s === undefined) return 'unknown';
+    // After a while the backend judges again, so a password changed in PostgreSQL takes effect.
+    if (s === undefined || Date.now() - (this.learnedAt.get(role) ?? 0) > LEARNED_TTL_MS) return 'unknown';
     if (s.kind === 'plain') return s.password === password ? 'match' : 'unknown';
     if (s.kind === 'scram') {
       const keys = await cachedDerive(password, s.keys.salt, s.keys.iterations);

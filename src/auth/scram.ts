@@ -168,7 +168,11 @@ export async function cachedDerive(password: string, salt: Buffer, iterations: n
   return keys;
 }
 
-/** A verifier for a role the proxy does not know, so that unknown roles fail exactly like wrong passwords. */
-export function mockScramKeys(): ScramKeys {
-  return { iterations: 4096, salt: randomBytes(16), storedKey: randomBytes(32), serverKey: randomBytes(32) };
+/**
+ * A verifier for a role the proxy does not know, so unknown roles fail exactly like wrong passwords. The
+ * salt is stable per role name (as PostgreSQL's scram_mock_salt): a salt that changed on every attempt
+ * would tell an unknown role from a known one.
+ */
+export function mockScramKeys(role: string): ScramKeys {
+  return { iterations: 4096, salt: hmac(processKey, 'mock-salt:' + role).subarray(0, 16), storedKey: randomBytes(32), serverKey: randomBytes(32) };
 }

@@ -24,10 +24,33 @@ const CONNECTION_PARAMETERS = new Set(['user', 'database']);
 
 export class StartupParamError extends Error {}
 
+/** Splits on unescaped whitespace; `\ ` is a space inside a word and `\\` a backslash (libpq's rules). */
+function splitOptionWords(options: string): string[] {
+  const words: string[] = [];
+  let word = '';
+  let inWord = false;
+  for (let i = 0; i < options.length; i++) {
+    const c = options[i]!;
+    if (c === '\\' && i + 1 < options.length) {
+      word += options[++i];
+      inWord = true;
+    } else if (/\s/.test(c)) {
+      if (inWord) words.push(word);
+      word = '';
+      inWord = false;
+    } else {
+      word += c;
+      inWord = true;
+    }
+  }
+  if (inWord) words.push(word);
+  return words;
+}
+
 /** Splits libpq's `options` ("-c a=b -c c=d", "--a=b") into name/value pairs. */
 function parseOptions(options: string): [string, string][] {
   const out: [string, string][] = [];
-  const words = options.trim().split(/\s+/).filter(Boolean);
+  const words = splitOptionWords(options);
   for (let i = 0; i < words.length; i++) {
     let w = words[i]!;
     if (w === '-c') w = words[++i] ?? '';

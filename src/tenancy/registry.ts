@@ -136,16 +136,39 @@ export class TenantRegistry {
   private unknown(tenantId: string, role: string, clientUser: string, givenDb: string | undefined): Identity {
     const mt = this.config;
     if (mt.auto_create_tenants && mt.defaults?.isolation !== undefined && /^[A-Za-z0-9_][A-Za-z0-9_$-]{0,62}$/.test(tenantId)) {
-      if (this.byId.size >= mt.max_tenants) {
-        throw new IdentifyError('53300', `cannot create tenant "${tenantId}": max_tenants (${mt.max_tenants}) reached`);
-      }
+      this.checkCapacity(tenantId);
+      // Not registered yet: only a client that also authenticates may create a tenant (see confirm()).
       const tenant = fromDefaults(tenantId, mt.defaults);
-      this.add(tenant);
       this.checkDatabase(tenant, givenDb);
       return { tenant, role, clientUser };
     }
     if (mt.allow_unknown_tenants) return this.letThrough(role, clientUser, givenDb);
     throw new IdentifyError('28000', `unknown tenant "${tenantId}"`);
+  }
+
+  private checkCapacity(tenantId: string): void {
+    if (this.byId.size >= this.config.max_tenants) {
+      throw new IdentifyError('53300', `cannot create tenant "${tenantId}": max_tenants (${this.config.max_tenants}) reached`);
+    }
+  }
+
+  /**
+   * Registers an auto-created tenant once its first client has authenticated, so unauthenticated
+   * connections cannot use up max_tenants. Returns the registered tenant (another client may have created
+   * it meanwhile); counters the unregistered object gathered during login move over.
+   */
+  confirm(tenant: Tenant): Tenant {
+    if (tenant.origin !== 'auto') return tenant;
+    const existing = this.byId.get(tenant.id);
+    if (existing === tenant) return tenant;
+    if (existing !== undefined) {
+      existing.backendsInUse += tenant.backendsInUse;
+      tenant.backendsInUse = 0;
+      return existing;
+    }
+    this.checkCapacity(tenant.id);
+    this.add(tenant);
+    return tenant;
   }
 
   /** No tenant isolation: the role and database go to the backend as given. */
