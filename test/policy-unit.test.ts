@@ -1,0 +1,239 @@
+// The statement classifier and per-tenant check as pure functions: a table of schema-isolation escape
+// attempts that must all be refused, statements drivers and apps send that must pass, and the permission
+// rules of the reference tenants. The wire-level behaviour is tested in guardrails.test.ts.
+import assert from 'node:assert/strict';
+import { before, describe, test } from 'node:test';
+import { normalizeLiterals, FactsCache } from '../src/policy/cache.js';
+import { loadParser } from '../src/policy/classify.js';
+import { checkStatement, type TenantRules } from '../src/policy/check.js';
+import { PermissionsSchema } from '../src/config/schema.js';
+
+const cache = new FactsCache();
+
+const acme: TenantRules = {
+  id: 'acme',
+  allowedSchemas: new Set(['acme', 'public', 'pg_temp']),
+  permissions: PermissionsSchema.parse({
+    allowed_operations: ['SELECT', 'INSERT', 'UPDATE', 'DELETE'],
+    read_only: false,
+    allow_ddl: true,
+    allow_explain: true,
+    allow_system_access: false,
+    max_tables_per_query: 10,
+  }),
+};
+const widgetco: TenantRules = {
+  id: 'widgetco',
+  allowedSchemas: null,
+  permissions: PermissionsSchema.parse({ allow_ddl: false, allow_system_access: false, max_tables_per_query: 5 }),
+};
+
+function verdict(sql: string, rules: TenantRules): string | null {
+  const c = cache.lookup(sql);
+  if (c instanceof Error) return 'parse error';
+  for (const f of c) {
+    const r = checkStatement(f, rules);
+    if (r !== null) return `${r.code} ${r.reason}: ${r.message}`;
+  }
+  return null;
+}
+
+before(() => loadParser());
+
+describe('schema isolation: escape attempts are refused', () => {
+  const attempts = [
+    'SELECT * FROM newclient.orders',
+    'SELECT * FROM "newclient".orders',
+    'SELECT * FROM NEWCLIENT.orders',
+    'SELECT * FROM U&"\\006eewclient".orders',
+    'SELECT * FROM newclient . orders',
+    'SELECT * FROM/* comment */newclient.orders',
+    'SELECT 1; SELECT * FROM newclient.orders',
+    'SELECT * FROM orders WHERE id IN (SELECT id FROM newclient.orders)',
+    'WITH x AS (SELECT * FROM newclient.orders) SELECT * FROM x',
+    'WITH d AS (DELETE FROM newclient.orders RETURNING *) SELECT * FROM d',
+    'INSERT INTO acme.orders (customer, amount) SELECT customer, amount FROM newclient.orders',
+    'UPDATE orders SET amount = (SELECT max(amount) FROM newclient.orders)',
+    'DELETE FROM newclient.orders',
+    'SELECT newclient.orders.customer FROM orders',
+    'SELECT * FROM shared_db.newclient.orders',
+    'SELECT newclient.some_function()',
+    "SELECT nextval('newclient.orders_id_seq')",
+    "SELECT 'newclient.orders'::regclass",
+    "SELECT pg_catalog.pg_relation_size('newclient.orders'::regclass)",
+    'SET search_path TO newclient',
+    'SET search_path = newclient, public',
+    'SET LOCAL search_path TO "newclient"',
+    "SELECT set_config('search_path', 'newclient', false)",
+    "SELECT set_config('search_path', 'acme, newclient', true)",
+    'SET ROLE postgres',
+    'SET SESSION AUTHORIZATION postgres',
+    "SELECT set_config('role', 'postgres', false)",
+    'CREATE VIEW v AS SELECT * FROM newclient.orders',
+    'CREATE TABLE newclient.stolen (id int)',
+    'CREATE TABLE t AS SELECT * FROM newclient.orders',
+    'SELECT * INTO copied FROM newclient.orders',
+    'ALTER TABLE orders SET SCHEMA newclient',
+    'DROP TABLE newclient.orders',
+    'CREATE SCHEMA evil',
+    'GRANT ALL ON ALL TABLES IN SCHEMA newclient TO appuser',
+    "CREATE FUNCTION f() RETURNS bigint LANGUAGE sql AS 'SELECT count(*) FROM newclient.orders'",
+    'CREATE FUNCTION g() RETURNS int LANGUAGE plpgsql AS $$BEGIN RETURN (SELECT count(*) FROM newclient.orders); END$$',
+    "CREATE FUNCTION h() RETURNS int LANGUAGE sql SET search_path = newclient AS 'SELECT 1'",
+    "DO $$BEGIN EXECUTE 'DELETE FROM newclient.orders'; END$$",
+    "SELECT query_to_xml('SELECT * FROM newclient.orders', true, true, '')",
+    "SELECT table_to_xml('newclient.orders', true, true, '')",
+    "SELECT dblink('dbname=shared_db', 'SELECT 1')",
+    'SELECT lo_get(12345)',
+    'EXPLAIN SELECT * FROM newclient.orders',
+    'EXPLAIN ANALYZE SELECT * FROM newclient.orders',
+    'COPY newclient.orders TO STDOUT',
+    'COPY (SELECT * FROM newclient.orders) TO STDOUT',
+    'SELECT * FROM orders o JOIN LATERAL (SELECT * FROM newclient.products) p ON true',
+    'SELECT ROW(1)::newclient.orders',
+    'PREPARE p AS SELECT * FROM newclient.orders',
+    'DECLARE c CURSOR FOR SELECT * FROM newclient.orders',
+    'SET standard_conforming_strings = off',
+    "SET client_encoding = 'SJIS'",
+    'TRUNCATE newclient.orders',
+    'LOCK TABLE newclient.orders',
+    'SELECT * FROM pg_catalog.pg_class',
+    'SELECT * FROM information_schema.tables',
+    'SELECT * FROM pg_stat_activity',
+    'SELECT pg_terminate_backend(1)',
+    "SELECT pg_read_file('/etc/passwd')",
+    'CREATE EXTENSION dblink',
+    'ALTER SYSTEM SET work_mem = 1',
+  ];
+  for (const sql of attempts) {
+    test(sql, () => {
+      const v = verdict(sql, acme);
+      assert.ok(v !== null && v.startsWith('42501'), `expected a 42501 refusal, got ${v}`);
+    });
+  }
+});
+
+describe('statements that must keep working for a schema tenant', () => {
+  const fine = [
+    'SELECT * FROM orders',
+    'SELECT * FROM acme.orders',
+    'SELECT * FROM "acme"."orders"',
+    'SELECT * FROM public.plans',
+    'SELECT * FROM plans',
+    'SELECT 1',
+    'SELECT now(), pg_catalog.now(), count(*) FROM orders',
+    'SELECT CAST(amount AS int), amount::numeric(10,2) FROM orders',
+    "SELECT nextval('acme.orders_id_seq'), nextval('orders_id_seq')",
+    "SELECT 'acme.orders'::regclass",
+    'INSERT INTO orders (customer, amount) VALUES ($1, $2) RETURNING id',
+    'UPDATE products SET price = price * 1.1 WHERE id = 1',
+    'DELETE FROM orders WHERE id = -1',
+    'WITH x AS (SELECT * FROM orders) SELECT * FROM x',
+    'BEGIN',
+    'BEGIN ISOLATION LEVEL SERIALIZABLE',
+    'COMMIT',
+    'ROLLBACK',
+    'SAVEPOINT s1',
+    'RELEASE SAVEPOINT s1',
+    "SET application_name = 'myapp'",
+    "SET client_encoding = 'UTF8'",
+    'SET statement_timeout = 1000',
+    'SET search_path TO acme, public',
+    'SHOW search_path',
+    'SHOW ALL',
+    'RESET ALL',
+    'DISCARD ALL',
+    'DEALLOCATE ALL',
+    'CREATE TABLE acme_tmp (id int)',
+    'CREATE TEMP TABLE t (id int)',
+    'CREATE INDEX ON orders (customer)',
+    'DROP TABLE IF EXISTS acme_tmp',
+    'ALTER TABLE orders ADD COLUMN note text',
+    "CREATE FUNCTION f() RETURNS bigint LANGUAGE sql AS 'SELECT count(*) FROM orders'",
+    'EXPLAIN SELECT * FROM orders',
+    'EXPLAIN ANALYZE SELECT * FROM orders',
+    // what postgres.js sends at connect to learn array types
+    "select b.oid, b.typarray from pg_catalog.pg_type a left join pg_catalog.pg_type b on b.oid = a.typelem where a.typcategory = 'A' group by b.oid, b.typarray order by b.oid",
+  ];
+  for (const sql of fine) {
+    test(sql, () => assert.equal(verdict(sql, acme), null));
+  }
+});
+
+describe('permissions of the reference tenants', () => {
+  test('widgetco may not run DDL (allow_ddl = false)', () => {
+    for (const sql of ['CREATE TABLE t (id int)', 'DROP TABLE orders', 'ALTER TABLE orders ADD x int', 'TRUNCATE orders', 'SELECT * INTO t2 FROM orders', 'CREATE TABLE t AS SELECT 1', 'GRANT SELECT ON orders TO public']) {
+      assert.match(verdict(sql, widgetco) ?? 'allowed', /^42501 permission: .*DDL is not allowed/, sql);
+    }
+  });
+
+  test('operations outside allowed_operations are refused, wherever they hide', () => {
+    for (const sql of ['TRUNCATE orders', 'COPY orders FROM STDIN', 'CALL p()', 'LOCK TABLE orders', 'LISTEN ch', "NOTIFY ch, 'x'", 'MERGE INTO orders o USING products p ON false WHEN NOT MATCHED THEN DO NOTHING']) {
+      assert.notEqual(verdict(sql, widgetco), null, sql);
+    }
+    const selectOnly: TenantRules = { ...widgetco, permissions: PermissionsSchema.parse({ allowed_operations: ['SELECT'] }) };
+    assert.match(verdict('WITH d AS (DELETE FROM orders RETURNING *) SELECT * FROM d', selectOnly) ?? '', /DELETE is not allowed/);
+    assert.match(verdict('EXPLAIN ANALYZE DELETE FROM orders', selectOnly) ?? '', /DELETE is not allowed/);
+    assert.equal(verdict('EXPLAIN DELETE FROM orders', selectOnly), null, 'plain EXPLAIN runs nothing');
+    assert.match(verdict('SELECT 1; DELETE FROM orders', selectOnly) ?? '', /DELETE is not allowed/);
+  });
+
+  test('read_only refuses writes and read-write transactions', () => {
+    const ro: TenantRules = { ...widgetco, permissions: PermissionsSchema.parse({ allowed_operations: ['SELECT', 'INSERT'], read_only: true }) };
+    assert.match(verdict('INSERT INTO orders VALUES (1)', ro) ?? '', /read-only/);
+    assert.match(verdict('BEGIN READ WRITE', ro) ?? '', /read-only/);
+    assert.match(verdict('SET TRANSACTION READ WRITE', ro) ?? '', /read-only/);
+    assert.match(verdict('SET default_transaction_read_only = off', ro) ?? '', /read-only/);
+    assert.equal(verdict('SELECT * FROM orders', ro), null);
+    assert.equal(verdict('BEGIN', ro), null);
+  });
+
+  test('allow_explain = false refuses EXPLAIN', () => {
+    const noExplain: TenantRules = { ...widgetco, permissions: PermissionsSchema.parse({ allow_explain: false }) };
+    assert.match(verdict('EXPLAIN SELECT 1', noExplain) ?? '', /EXPLAIN is not allowed/);
+  });
+
+  test('max_tables_per_query counts distinct relations across the whole statement', () => {
+    assert.equal(verdict('SELECT * FROM a, b, c, d, e', widgetco), null);
+    assert.match(verdict('SELECT * FROM a, b, c, d, e, f', widgetco) ?? '', /uses 6 tables, above max_tables_per_query \(5\)/);
+    assert.match(verdict('SELECT * FROM a, b, c WHERE EXISTS (SELECT 1 FROM d JOIN e ON true JOIN f ON true)', widgetco) ?? '', /6 tables/);
+    assert.equal(verdict('SELECT * FROM a, a, a, b', widgetco), null);
+  });
+
+  test('system access: catalogs and admin functions', () => {
+    assert.match(verdict('SELECT * FROM pg_stat_activity', widgetco) ?? '', /pg_stat_activity needs allow_system_access/);
+    assert.match(verdict("SELECT set_config('work_mem', '1MB', false)", widgetco) ?? '', /set_config\(\) needs allow_system_access/);
+    const sys: TenantRules = { ...widgetco, permissions: PermissionsSchema.parse({ allow_system_access: true }) };
+    assert.equal(verdict('SELECT * FROM pg_stat_activity', sys), null);
+  });
+});
+
+describe('literal normalisation for the verdict cache', () => {
+  test('plain literals become ?', () => {
+    assert.equal(normalizeLiterals("SELECT * FROM t WHERE a = 'x''y' AND b = 12.5e3 AND c = $1"), "SELECT * FROM t WHERE a = '?' AND b = ? AND c = $1");
+  });
+  test('gives up on anything it is not sure of', () => {
+    for (const sql of ["SELECT E'\\''", "SELECT $$x$$", "SELECT U&'x'", "SELECT B'101'", 'SELECT 1abc', "SELECT 'a' \\ 'b'", '/* unterminated']) {
+      assert.equal(normalizeLiterals(sql), null, sql);
+    }
+  });
+  test('identifiers, comments and quoted names are never rewritten', () => {
+    assert.equal(normalizeLiterals('SELECT t1.c2 FROM "x 1" -- 5\n'), 'SELECT t1.c2 FROM "x 1" -- 5\n');
+  });
+  test('literal-dependent facts are not shared through the normalised key', () => {
+    const c = new FactsCache();
+    assert.equal(verdictWith(c, "SELECT nextval('acme.orders_id_seq')"), null);
+    assert.notEqual(verdictWith(c, "SELECT nextval('newclient.orders_id_seq')"), null);
+    assert.equal(verdictWith(c, "SELECT set_config('search_path', 'acme', false)"), '42501');
+  });
+});
+
+function verdictWith(c: FactsCache, sql: string): string | null {
+  const r = c.lookup(sql);
+  if (r instanceof Error) return 'parse error';
+  for (const f of r) {
+    const v = checkStatement(f, acme);
+    if (v !== null) return v.code;
+  }
+  return null;
+}
