@@ -180,7 +180,7 @@ async function main(): Promise<void> {
   const report: Report = {
     date: started.toISOString(), gitCommit, node: process.version, postgres: pg.version, pgbouncer: bouncerVersion,
     pgbench: pgbenchVersion, cpus: cpus().length, seconds, scale: SCALE, modes, clients: clientCounts, targets: targetIds,
-    proxyLimits: referenceLimits ? 'reference' : 'raised', skipped, results,
+    proxyLimits: proxies.length === 0 ? null : referenceLimits ? 'reference' : 'raised', skipped, results,
   };
   printReport(report);
   console.log(`\nwrote ${writeReport(repoRoot, report)} and .bench/latest.json`);
