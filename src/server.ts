@@ -107,11 +107,17 @@ export class ProxyServer {
     this.ctx.sessions.add(session);
   }
 
-  /** A CancelRequest travels on its own connection, as the protocol requires. */
+  /**
+   * A CancelRequest travels on its own connection, as the protocol requires. PostgreSQL signals the backend
+   * before closing that connection, so until the close the backend is kept from serving another client:
+   * otherwise a cancel racing with release could hit the next client's query.
+   */
   private sendCancel(server: ServerConnection): void {
+    server.cancelsInFlight++;
     const s = netConnect({ host: server.target.host, port: server.target.port });
     s.on('error', (err) => this.log.debug({ err: err.message }, 'cancel request failed'));
     s.once('connect', () => s.end(cancelRequest(server.pid, server.secretKey)));
+    s.once('close', () => server.cancelDelivered());
     s.setTimeout(5000, () => s.destroy());
   }
 

@@ -57,6 +57,7 @@ export interface QueryResult {
 }
 
 let nextId = 1;
+const INTERNAL_QUERY_TIMEOUT_MS = 10_000;
 
 export class ServerConnection implements FrameSink {
   readonly id = nextId++;
@@ -75,6 +76,9 @@ export class ServerConnection implements FrameSink {
   closed = false;
   /** Keys derived while logging in with a plaintext password (lets the proxy check later logins locally). */
   derivedKeys: ScramKeys | null = null;
+  /** CancelRequests sent for this backend and not yet delivered; it must not serve anyone else meanwhile. */
+  cancelsInFlight = 0;
+  private afterCancels: (() => void) | null = null;
 
   private readonly framer = new MessageFramer();
   private relay: ServerRelay | null = null;
@@ -170,6 +174,19 @@ export class ServerConnection implements FrameSink {
     return this.socket.write(buf);
   }
 
+  /** Runs `fn` once no cancel for this backend is in flight (at once when none is). */
+  whenNoCancelPending(fn: () => void): void {
+    if (this.cancelsInFlight === 0) fn();
+    else this.afterCancels = fn;
+  }
+
+  cancelDelivered(): void {
+    if (--this.cancelsInFlight > 0) return;
+    const fn = this.afterCancels;
+    this.afterCancels = null;
+    fn?.();
+  }
+
   onClose(listener: (err: Error | null) => void): void {
     this.closeListeners.push(listener);
   }
@@ -180,6 +197,7 @@ export class ServerConnection implements FrameSink {
    */
   async run(sqls: string[]): Promise<QueryResult[]> {
     if (this.relay !== null) throw new Error('internal query on an attached server connection');
+    this.armInternalTimeout();
     const results = sqls.map(
       (sql) =>
         new Promise<QueryResult>((resolve, reject) => {
@@ -188,6 +206,7 @@ export class ServerConnection implements FrameSink {
         }),
     );
     const all = await Promise.all(results);
+    this.disarmInternalTimeout();
     const failed = all.find((r) => r.error !== null);
     if (failed?.error) throw failed.error;
     return all;
@@ -196,10 +215,36 @@ export class ServerConnection implements FrameSink {
   /** Writes pre-built messages (e.g. an extended-protocol query) and collects results up to one ReadyForQuery. */
   exchange(messages: Buffer): Promise<QueryResult> {
     if (this.relay !== null) return Promise.reject(new Error('internal query on an attached server connection'));
+    this.armInternalTimeout();
     return new Promise<QueryResult>((resolve, reject) => {
-      this.waiters.push({ resolve, reject, result: { rows: [], commands: [], error: null } });
+      this.waiters.push({
+        resolve: (r) => {
+          this.disarmInternalTimeout();
+          resolve(r);
+        },
+        reject,
+        result: { rows: [], commands: [], error: null },
+      });
       this.socket.write(messages);
     });
+  }
+
+  private internalTimer: NodeJS.Timeout | null = null;
+
+  /**
+   * The proxy's own queries (reset, SET, checks, auth_query) are tiny: a backend that does not answer them
+   * in time is wedged or gone, and is destroyed rather than waited on forever.
+   */
+  private armInternalTimeout(): void {
+    if (this.internalTimer !== null) return;
+    this.internalTimer = setTimeout(() => this.destroy(new BackendUnavailable(`backend did not answer the proxy's own query within ${INTERNAL_QUERY_TIMEOUT_MS / 1000} s`)), INTERNAL_QUERY_TIMEOUT_MS);
+    this.internalTimer.unref();
+  }
+
+  private disarmInternalTimeout(): void {
+    if (this.internalTimer === null || this.waiters.length > 0) return;
+    clearTimeout(this.internalTimer);
+    this.internalTimer = null;
   }
 
   // FrameSink: per message, so a relay detached mid-chunk never sees what follows its release.
@@ -250,16 +295,28 @@ export class ServerConnection implements FrameSink {
   }
 
   /** Closes politely: Terminate, then end the socket. */
+  /**
+   * Closes politely: Terminate after whatever was already written, so PostgreSQL finishes a request in
+   * flight first (as it would for a client that pipelined a query before its own Terminate).
+   */
   close(): void {
     if (this.closed) return;
-    if (!this.socket.destroyed) this.socket.end(TERMINATE);
-    this.destroy(null);
+    if (!this.socket.destroyed) {
+      this.socket.end(TERMINATE);
+      setTimeout(() => this.socket.destroy(), 30_000).unref();
+    }
+    this.markClosed(null);
   }
 
   destroy(err: Error | null): void {
     if (this.closed) return;
-    this.closed = true;
     this.socket.destroy();
+    this.markClosed(err);
+  }
+
+  private markClosed(err: Error | null): void {
+    this.closed = true;
+    if (this.internalTimer !== null) clearTimeout(this.internalTimer);
     const failure = err ?? new BackendUnavailable('server connection closed');
     for (const w of this.waiters.splice(0)) w.reject(failure);
     const relay = this.relay;

@@ -67,6 +67,8 @@ let nextSessionId = 1;
 // (costing one extra SET round trip), never miss the plain forms.
 const RESETS_STATE = /\b(discard\s+all|reset\s+(all|search_path|role|session)|set\s+(local\s+|session\s+)?(role|session\s+authorization|search_path)|set_config)\b/i;
 const DROPS_STATEMENTS = /\b(discard\s+all|deallocate)\b/i;
+const RESETS_ALL = /\b(discard\s+all|reset\s+all)\b/i;
+const RESETS_ONE = /\breset\s+([a-z_]+)\b/gi;
 
 function isLoopback(addr: string | undefined): boolean {
   return addr !== undefined && (addr === '::1' || addr.startsWith('127.') || addr.startsWith('::ffff:127.'));
@@ -89,6 +91,7 @@ export class ClientSession implements ServerRelay {
   private authWaiter: ((m: Buffer) => void) | null = null;
 
   identity: Identity | null = null;
+  private countedClient = false;
   private desired = new Map<string, string>();
   private cancelKey: { pid: number; secret: number } | null = null;
 
@@ -101,6 +104,17 @@ export class ClientSession implements ServerRelay {
   private reapply = false;
   private dropStatementsAtReady = false;
   private reapplyAtReady = false;
+  /** Startup settings RESET/DISCARD ALL brought back to the server default: restored at ReadyForQuery. */
+  private restoreAtReady: Set<string> | 'all' | null = null;
+  /** Extended-protocol messages went out since the last Sync: the backend is inside an implicit transaction. */
+  private awaitingSync = false;
+  /** The backend is in COPY FROM STDIN: it ignores Sync and Flush until CopyDone/CopyFail. */
+  private copyIn = false;
+  private clientTerminated = false;
+  /** GUCs as the client was given them at startup (RESET returns to these, as in PostgreSQL). */
+  private startupParams = new Map<string, string>();
+  /** ParameterStatus values the client has been told, so a re-synced backend's changes reach it too. */
+  private readonly clientParams = new Map<string, string>();
 
   // client messages not yet forwarded (waiting for a backend), kept as offsets into the chunks that carried them
   private inBufs: Buffer[] = [];
@@ -237,17 +251,26 @@ export class ClientSession implements ServerRelay {
     }
     try {
       this.desired = sessionParameters(params);
+      this.startupParams = new Map(this.desired);
     } catch (err) {
       if (err instanceof StartupParamError) throw new LoginRefused({ code: '08P01', message: err.message });
       throw err;
     }
     this.identity = identity;
-    const tenant = identity.tenant;
-    this.log = this.log.child({ tenant: tenant.id, user });
-    tenant.clients++;
-    this.pool = this.ctx.pools.poolFor(tenant, identity.role);
+    this.log = this.log.child({ tenant: identity.tenant.id, user });
+    this.pool = this.ctx.pools.poolFor(identity.tenant, identity.role);
 
     const verified = await this.authenticate(identity);
+    try {
+      identity.tenant = this.ctx.tenants.confirm(identity.tenant);
+    } catch (err) {
+      if (verified !== null) this.pool.release(verified, true, identity.tenant);
+      if (err instanceof IdentifyError) throw new LoginRefused({ code: err.code, message: err.message });
+      throw err;
+    }
+    const tenant = identity.tenant;
+    tenant.clients++;
+    this.countedClient = true;
     const server = verified ?? (await this.acquireServer());
     try {
       await this.bringInLine(server);
@@ -258,7 +281,10 @@ export class ClientSession implements ServerRelay {
 
     this.cancelKey = this.ctx.cancels.register(this);
     const out: Buffer[] = [authentication(AuthCode.Ok)];
-    for (const [name, value] of server.params) out.push(parameterStatus(name, value));
+    for (const [name, value] of server.params) {
+      out.push(parameterStatus(name, value));
+      this.clientParams.set(name, value);
+    }
     out.push(backendKeyData(this.cancelKey.pid, this.cancelKey.secret), readyForQuery('I'));
     this.socket.write(Buffer.concat(out));
     clearTimeout(this.loginTimer);
@@ -343,15 +369,16 @@ export class ClientSession implements ServerRelay {
 
     const secret = await creds.lookup(role);
     if (secret === null) {
-      await this.scramExchange(mockScramKeys());
+      // Run the same exchange a known role would get, so role names cannot be probed.
+      if (creds.authType === 'md5') await this.md5Exchange(null);
+      else await this.scramExchange(mockScramKeys(role));
       throw this.authFailed();
     }
     if (secret.kind === 'md5' || (secret.kind === 'plain' && creds.authType === 'md5')) {
-      const stored = secret.kind === 'md5' ? secret.hash : md5Secret(secret.password, role);
-      const salt = randomBytes(4);
-      this.socket.write(authentication(AuthCode.MD5Password, salt));
-      const body = await this.expectPassword();
-      if (!md5Matches(stored, salt, readCString(body, 0, body.length)[0])) throw this.authFailed();
+      // The client hashes with the user name it sent (acme.appuser), so a plain password is hashed the same
+      // way; a stored md5 hash is bound to its role name and only matches clients that log in as that role.
+      const stored = secret.kind === 'md5' ? secret.hash : md5Secret(secret.password, identity.clientUser);
+      if (!(await this.md5Exchange(stored))) throw this.authFailed();
       return null;
     }
     const keys: ScramKeys = secret.kind === 'scram' ? secret.keys : await plainVerifier(role, secret.password);
@@ -359,6 +386,14 @@ export class ClientSession implements ServerRelay {
     if (clientKey === null) throw this.authFailed();
     if (secret.kind === 'scram') creds.learn(role, { kind: 'scram', keys: { ...secret.keys, clientKey } });
     return null;
+  }
+
+  /** Runs md5 authentication with the client; false for a wrong password (always, with no stored hash). */
+  private async md5Exchange(stored: string | null): Promise<boolean> {
+    const salt = randomBytes(4);
+    this.socket.write(authentication(AuthCode.MD5Password, salt));
+    const body = await this.expectPassword();
+    return stored !== null && md5Matches(stored, salt, readCString(body, 0, body.length)[0]);
   }
 
   /** Runs SCRAM-SHA-256 with the client; resolves to its ClientKey, or null for a wrong password. */
@@ -443,7 +478,11 @@ export class ClientSession implements ServerRelay {
     this.flushToClient();
     server.detach();
     this.server = null;
-    this.pool!.release(server, reusable, this.identity!.tenant);
+    // Paused for this client's backpressure: the next client must find it reading.
+    if (server.socket.isPaused()) server.socket.resume();
+    const pool = this.pool!;
+    const tenant = this.identity!.tenant;
+    server.whenNoCancelPending(() => pool.release(server, reusable, tenant));
   }
 
   // ── client messages in the ready phase ─────────────────────────────────────────────
@@ -460,6 +499,7 @@ export class ClientSession implements ServerRelay {
         const type = buf[start]!;
         if (type === Msg.Terminate) {
           this.flushToServer();
+          this.clientTerminated = true;
           this.terminate();
           return;
         }
@@ -531,6 +571,18 @@ export class ClientSession implements ServerRelay {
     } finally {
       if (this.server === server && !server.closed) server.attach(this);
     }
+    this.reportParameterChanges(server);
+  }
+
+  /** Sends the client ParameterStatus for reported settings the backend now holds differently. */
+  private reportParameterChanges(server: ServerConnection): void {
+    let out: Buffer[] | null = null;
+    for (const [name, value] of server.params) {
+      if (this.clientParams.get(name) === value) continue;
+      this.clientParams.set(name, value);
+      (out ??= []).push(parameterStatus(name, value));
+    }
+    if (out !== null) this.writeClient(Buffer.concat(out));
   }
 
   private async checkoutForRequest(taken: ServerConnection | null): Promise<void> {
@@ -546,6 +598,7 @@ export class ClientSession implements ServerRelay {
       return;
     }
     this.attach(server);
+    this.reportParameterChanges(server);
   }
 
   /** Between transactions some messages need no backend at all. Returns false when one is needed. */
@@ -560,6 +613,7 @@ export class ClientSession implements ServerRelay {
       case Msg.CopyFail:
         return true; // PostgreSQL ignores these outside COPY
       case Msg.Close:
+        this.awaitingSync = true;
         if (this.tracking && isStatementTarget(buf, start)) {
           const span = targetSpan(buf, start, end);
           if (span !== null && span[1] > span[0]) {
@@ -586,27 +640,40 @@ export class ClientSession implements ServerRelay {
         this.expect.push(Expect.Sync);
         break;
       case Msg.Sync:
+        // During COPY FROM STDIN the backend ignores Sync: no ReadyForQuery will answer it.
+        if (!this.copyIn) this.expect.push(Expect.Sync);
+        this.awaitingSync = false;
+        break;
       case Msg.FunctionCall:
         this.expect.push(Expect.Sync);
         break;
       case Msg.Execute:
+        this.awaitingSync = true;
         this.expect.push(Expect.Execute);
         break;
+      case Msg.CopyDone:
+      case Msg.CopyFail:
+        this.copyIn = false;
+        break;
       case Msg.Parse:
+        this.awaitingSync = true;
         if (this.tracking && this.trackParse(buf, start, end)) return;
         this.noteStateChanges(buf, start + 5, end);
         this.expect.push(Expect.Parse);
         break;
       case Msg.Bind: {
+        this.awaitingSync = true;
         this.expect.push(Expect.Bind);
         if (this.tracking && this.forwardRenamed(buf, start, end, bindStatementSpan(buf, start, end))) return;
         break;
       }
       case Msg.Describe:
+        this.awaitingSync = true;
         this.expect.push(Expect.Describe);
         if (this.tracking && isStatementTarget(buf, start) && this.forwardRenamed(buf, start, end, targetSpan(buf, start, end))) return;
         break;
       case Msg.Close:
+        this.awaitingSync = true;
         if (this.tracking && isStatementTarget(buf, start)) {
           const span = targetSpan(buf, start, end);
           const name = span === null ? '' : buf.toString('utf8', span[0], span[1]);
@@ -688,6 +755,16 @@ export class ClientSession implements ServerRelay {
     const text = buf.toString('latin1', from, end);
     if (RESETS_STATE.test(text)) this.reapplyAtReady = true;
     if (DROPS_STATEMENTS.test(text)) this.dropStatementsAtReady = true;
+    if (RESETS_ALL.test(text)) this.restoreAtReady = 'all';
+    else if (this.restoreAtReady !== 'all') {
+      for (const m of text.matchAll(RESETS_ONE)) {
+        const name = m[1]!.toLowerCase();
+        if (!this.startupParams.has(name)) continue;
+        const set: Set<string> = this.restoreAtReady instanceof Set ? this.restoreAtReady : new Set();
+        set.add(name);
+        this.restoreAtReady = set;
+      }
+    }
   }
 
   // ── writing ────────────────────────────────────────────────────────────────────────
@@ -811,7 +888,14 @@ export class ClientSession implements ServerRelay {
         return;
       case Msg.ErrorResponse:
         this.toClient(buf, start, end);
+        this.copyIn = false;
         this.skipUntilSync();
+        return;
+      case Msg.CopyInResponse:
+        // Syncs the client sent before its data will be ignored by the backend (protocol: copy-in mode).
+        this.copyIn = true;
+        this.expect.dropSyncsAfterHead();
+        this.toClient(buf, start, end);
         return;
       case Msg.ReadyForQuery:
         this.onReadyForQuery(buf, start, end);
@@ -866,6 +950,13 @@ export class ClientSession implements ServerRelay {
       this.dropStatementsAtReady = false;
       server.prepared.clear();
     }
+    if (this.restoreAtReady !== null) {
+      // RESET brings a setting back to what the client gave at startup, as PostgreSQL would.
+      const names = this.restoreAtReady === 'all' ? [...this.startupParams.keys()] : [...this.restoreAtReady];
+      for (const name of names) this.desired.set(name, this.startupParams.get(name)!);
+      this.restoreAtReady = null;
+      this.reapplyAtReady = true;
+    }
     if (this.reapplyAtReady) {
       this.reapplyAtReady = false;
       this.reapply = true;
@@ -879,7 +970,7 @@ export class ClientSession implements ServerRelay {
     this.txStatus = status;
     this.toClient(buf, start, end);
     this.emitSynthesized();
-    if (this.expect.length === 0 && status === 'I' && mode !== 'session') this.releaseServer(true);
+    if (this.expect.length === 0 && status === 'I' && mode !== 'session' && !this.awaitingSync) this.releaseServer(true);
   }
 
   /** Statement mode: a transaction block was opened. Roll it back and tell the client why. */
@@ -942,16 +1033,18 @@ export class ClientSession implements ServerRelay {
     clearTimeout(this.loginTimer);
     this.ctx.sessions.delete(this);
     if (this.cancelKey !== null) this.ctx.cancels.unregister(this.cancelKey.pid);
-    if (this.identity !== null) this.identity.tenant.clients--;
+    if (this.countedClient) this.identity!.tenant.clients--;
     const server = this.server;
     if (server === null) return;
     this.server = null;
     server.detach();
     const pool = this.pool!;
     const tenant = this.identity!.tenant;
-    if (this.expect.length > 0) {
-      // Mid-request: stop the backend's work and drop the connection; PostgreSQL rolls back.
-      this.ctx.sendCancel(server);
+    if (this.expect.length > 0 || this.awaitingSync || this.copyIn) {
+      // Mid-request or inside an unsynced extended-protocol exchange: the connection cannot be reused.
+      // A client that sent Terminate gets its pipelined work finished first (as PostgreSQL does); a lost
+      // client's work is cancelled. Either way the backend then closes, and PostgreSQL rolls back.
+      if (!this.clientTerminated && this.expect.length > 0) this.ctx.sendCancel(server);
       pool.release(server, false, tenant);
       return;
     }

@@ -61,9 +61,13 @@ export class ExpectQueue {
     this.head = 0;
   }
 
-  /** Whether a Sync-like entry is pending (something will end with ReadyForQuery). */
-  hasSync(): boolean {
-    for (let i = this.head; i < this.kinds.length; i++) if (this.kinds[i] === Expect.Sync) return true;
-    return false;
+  /** Removes Sync entries behind the head (the backend ignores Sync while in COPY FROM STDIN). */
+  dropSyncsAfterHead(): void {
+    for (let i = this.kinds.length - 1; i > this.head; i--) {
+      if (this.kinds[i] === Expect.Sync) {
+        this.kinds.splice(i, 1);
+        this.payloads.splice(i, 1);
+      }
+    }
   }
 }
