@@ -155,8 +155,10 @@ export class ProxyServer {
   /** Stops accepting, ends every session with 57P01, closes pools. */
   async close(): Promise<void> {
     this.ctx.shuttingDown = true;
-    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+    // server.close() only calls back once every accepted socket is gone: end the sessions first.
+    const closed = new Promise<void>((resolve) => this.server.close(() => resolve()));
     for (const s of [...this.ctx.sessions]) s.fatal({ code: '57P01', message: 'terminating connection: the proxy is shutting down' });
+    await closed;
     this.ctx.pools.shutdown();
     if (this.authConn !== null) this.authConn.then((c) => c.close(), () => undefined);
     await this.admin?.close();

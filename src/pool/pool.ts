@@ -109,7 +109,7 @@ export class Pool {
         await conn.run(['']);
         return conn;
       } catch {
-        this.release(conn, false);
+        this.release(conn, false, tenant);
       }
     }
   }
@@ -120,7 +120,8 @@ export class Pool {
    */
   tryTake(tenant: Tenant): ServerConnection | null {
     if (this.waiters.length > 0 || this.idle.length === 0 || tenant.backendsInUse >= tenant.maxBackends) return null;
-    const conn = this.takeIdle(tenant.ownerKey)!;
+    const conn = this.takeIdle(tenant.ownerKey);
+    if (conn === undefined) return null;
     if (this.limits.testOnAcquire && Date.now() - conn.lastUsedAt >= TEST_AFTER_IDLE_MS) {
       this.idle.push(conn);
       return null;
@@ -130,8 +131,30 @@ export class Pool {
     return conn;
   }
 
-  /** Serves waiters in FIFO order as far as idle connections and caps allow. */
+  private pumping = false;
+  private pumpAgain = false;
+
+  /**
+   * Serves waiters in FIFO order as far as idle connections and caps allow. Closing an idle connection to
+   * make room fires close listeners that pump again: re-entry is deferred to a second pass, never nested.
+   */
   pump(): void {
+    if (this.pumping) {
+      this.pumpAgain = true;
+      return;
+    }
+    this.pumping = true;
+    try {
+      do {
+        this.pumpAgain = false;
+        this.pumpOnce();
+      } while (this.pumpAgain);
+    } finally {
+      this.pumping = false;
+    }
+  }
+
+  private pumpOnce(): void {
     for (let i = 0; i < this.waiters.length; ) {
       const w = this.waiters[i]!;
       if (w.tenant.backendsInUse >= w.tenant.maxBackends) {
@@ -164,9 +187,15 @@ export class Pool {
       ServerConnection.connect(this.target, secret, CONNECT_TIMEOUT_MS).then(
         (c) => {
           this.connecting--;
+          clearTimeout(w.timer);
+          if (this.closed) {
+            c.close();
+            w.tenant.backendsInUse--;
+            w.reject(new BackendUnavailable('pool is shutting down'));
+            return;
+          }
           this.adopt(c);
           this.busy.add(c);
-          clearTimeout(w.timer);
           w.resolve(c);
         },
         (err: Error) => {
@@ -187,11 +216,22 @@ export class Pool {
     w.resolve(conn);
   }
 
+  /** Most recently used first, preferring one that already carries the tenant; too-old ones are closed. */
   private takeIdle(ownerKey: string): ServerConnection | undefined {
+    const now = Date.now();
+    let fallback = -1;
     for (let i = this.idle.length - 1; i >= 0; i--) {
-      if (this.idle[i]!.owner === ownerKey) return this.idle.splice(i, 1)[0];
+      const c = this.idle[i]!;
+      if (now - c.createdAt >= this.limits.maxLifetimeMs) {
+        this.idle.splice(i, 1);
+        c.close();
+        if (fallback > i) fallback--;
+        continue;
+      }
+      if (c.owner === ownerKey) return this.idle.splice(i, 1)[0];
+      if (fallback < 0) fallback = i;
     }
-    return this.idle.pop();
+    return fallback < 0 ? undefined : this.idle.splice(fallback, 1)[0];
   }
 
   private adopt(c: ServerConnection): void {
@@ -243,6 +283,10 @@ export class Pool {
       ServerConnection.connect(this.target, secret, CONNECT_TIMEOUT_MS).then(
         (c) => {
           this.connecting--;
+          if (this.closed) {
+            c.close();
+            return;
+          }
           this.adopt(c);
           this.idle.unshift(c);
           this.pump();

@@ -65,7 +65,7 @@ let nextSessionId = 1;
 /** SQL that can drop the proxy's search_path or session settings: re-apply them at the next request. */
 // A heuristic on raw text until statements are classified by PostgreSQL's parser: it may fire on a comment
 // (costing one extra SET round trip), never miss the plain forms.
-const RESETS_STATE = /\b(discard\s+all|reset\s+(all|search_path|role|session)|set\s+(local\s+|session\s+)?(role|session\s+authorization|search_path)|set_config)\b/i;
+const RESETS_STATE = /\b(discard\s+all|reset\s+("?)(all|search_path|role|session)\2|set\s+(local\s+|session\s+)?("?)(role|session\s+authorization|search_path)\5|set_config)\b|"(search_path|role)"/i;
 const DROPS_STATEMENTS = /\b(discard\s+all|deallocate)\b/i;
 const RESETS_ALL = /\b(discard\s+all|reset\s+all)\b/i;
 const RESETS_ONE = /\breset\s+([a-z_]+)\b/gi;
@@ -197,10 +197,15 @@ export class ClientSession implements ServerRelay {
     }
   }
 
+  /** Ends the session over bad input (08P01) or, never silently, over a bug of the proxy's own (XX000). */
   private protocolError(err: unknown): void {
-    const message = err instanceof ProtocolViolation ? err.message : 'malformed message';
-    this.log.warn({ err: String(err) }, 'protocol violation');
-    this.fatal({ code: '08P01', message });
+    if (err instanceof ProtocolViolation) {
+      this.log.warn({ err: err.message }, 'protocol violation');
+      this.fatal({ code: '08P01', message: err.message });
+      return;
+    }
+    this.log.error({ err: err instanceof Error ? err.stack : String(err) }, 'internal error while handling a client message');
+    this.fatal({ code: 'XX000', message: 'internal error in the proxy; the connection is closed' });
   }
 
   private pumpStartup(): void {
