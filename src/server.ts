@@ -12,6 +12,8 @@ import { PoolManager } from './pool/manager.js';
 import { ServerConnection } from './pool/server-connection.js';
 import { CancelRegistry } from './session/cancel.js';
 import { ClientSession, type SessionContext } from './session/client-session.js';
+import { FactsCache } from './policy/cache.js';
+import { loadParser } from './policy/classify.js';
 import { TenantRegistry } from './tenancy/registry.js';
 
 export interface StartOptions {
@@ -48,16 +50,27 @@ export class ProxyServer {
       cancels: new CancelRegistry(),
       log,
       sessions: new Set(),
+      running: new Set(),
+      statements: new FactsCache(),
       sendCancel: (s) => this.sendCancel(s),
       shuttingDown: false,
     };
     this.ctx = ctx;
     credentials.setAuthQueryRunner((role) => this.runAuthQuery(role));
     this.server = createServer({ noDelay: true }, (socket) => this.accept(socket));
+    // One timer for every statement's max_query_duration, not one per statement.
+    this.durationWatch = setInterval(() => {
+      const now = Date.now();
+      for (const session of ctx.running) session.checkDuration(now);
+    }, 100);
+    this.durationWatch.unref();
   }
+
+  private readonly durationWatch: NodeJS.Timeout;
 
   static async start(loaded: LoadedConfig, opts: StartOptions = {}): Promise<ProxyServer> {
     const log = opts.logger ?? pino({ level: loaded.config.log_level, base: { service: 'heliosproxy' } });
+    await loadParser();
     const proxy = new ProxyServer(loaded, log);
     if (loaded.notEnforced.length > 0) {
       log.warn(`WARNING: these keys load but are not enforced yet: ${loaded.notEnforced.join(', ')}`);
@@ -155,6 +168,7 @@ export class ProxyServer {
   /** Stops accepting, ends every session with 57P01, closes pools. */
   async close(): Promise<void> {
     this.ctx.shuttingDown = true;
+    clearInterval(this.durationWatch);
     // server.close() only calls back once every accepted socket is gone: end the sessions first.
     const closed = new Promise<void>((resolve) => this.server.close(() => resolve()));
     for (const s of [...this.ctx.sessions]) s.fatal({ code: '57P01', message: 'terminating connection: the proxy is shutting down' });

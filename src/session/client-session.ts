@@ -18,13 +18,17 @@ import {
   backendKeyData,
   CANCEL_REQUEST_CODE,
   CLOSE_COMPLETE,
+  decodeErrorFields,
   decodeStartupParams,
   errorResponse,
+  execute,
   GSSENC_REQUEST_CODE,
   Msg,
   negotiateProtocolVersion,
   PARSE_COMPLETE,
   parameterStatus,
+  parse,
+  query,
   PROTOCOL_3_0,
   quoteLiteral,
   readCString,
@@ -36,7 +40,10 @@ import {
 import type { PoolManager } from '../pool/manager.js';
 import { AcquireTimeout, type Pool } from '../pool/pool.js';
 import { BackendError, BackendUnavailable, ServerConnection, type ServerRelay } from '../pool/server-connection.js';
-import { IdentifyError, type Identity, type TenantRegistry } from '../tenancy/registry.js';
+import { IdentifyError, type Identity, type Tenant, type TenantRegistry } from '../tenancy/registry.js';
+import type { FactsCache } from '../policy/cache.js';
+import { ParseFailure, type StatementFacts } from '../policy/classify.js';
+import { checkStatement, type Rejection } from '../policy/check.js';
 import type { CancelRegistry } from './cancel.js';
 import { Expect, ExpectQueue } from './expect.js';
 import { bindStatementSpan, isStatementTarget, parseNameSpan, renameIn, serverStatementName, targetSpan, type TrackedStatement } from './prepared.js';
@@ -51,12 +58,20 @@ export interface SessionContext {
   cancels: CancelRegistry;
   log: Logger;
   sessions: Set<ClientSession>;
+  /** Sessions with a statement running under a max_query_duration. */
+  running: Set<ClientSession>;
+  /** Statement classifications, shared by all sessions. */
+  statements: FactsCache;
   /** Opens a short-lived connection to send a CancelRequest to a backend. */
   sendCancel(server: ServerConnection): void;
   shuttingDown: boolean;
 }
 
 const LOGIN_TIMEOUT_MS = 60_000;
+/** Longer statements are refused for tenants whose statements are checked: parsing must stay bounded. */
+const MAX_CHECKED_SQL = 1 << 20;
+/** Sent in place of a refused statement: fails at once in the parser, touching nothing. */
+const REFUSED_SQL = 'heliosproxy refused this statement';
 /** Backend statements kept per connection before the least recently used is closed. */
 const SERVER_STATEMENT_CACHE = 500;
 
@@ -92,6 +107,8 @@ export class ClientSession implements ServerRelay {
 
   identity: Identity | null = null;
   private countedClient = false;
+  /** identity.tenant, once the login has confirmed it (the relay's hot path reads it per row). */
+  private tenant!: Tenant;
   private desired = new Map<string, string>();
   private cancelKey: { pid: number; secret: number } | null = null;
 
@@ -111,6 +128,21 @@ export class ClientSession implements ServerRelay {
   /** The backend is in COPY FROM STDIN: it ignores Sync and Flush until CopyDone/CopyFail. */
   private copyIn = false;
   private clientTerminated = false;
+  /** The message at this inbox index has been judged (a message waiting for a backend is judged once). */
+  private judgedIndex = -1;
+  private refusal: Rejection | null = null;
+  private judgedFacts: StatementFacts[] | null = null;
+  private skippingUntilSync = false;
+  /** When the statement now running started (ms), 0 when none; watched against max_query_duration. */
+  private runningSince = 0;
+  /** Why the proxy itself cancelled the running statement, so its 57014 can be reworded. */
+  private cancelReason: 'duration' | 'result' | null = null;
+  private rowCount = 0;
+  private byteCount = 0;
+  /** A result limit was hit: rows are dropped and the statement's end becomes the proxy's error. */
+  private resultTripped = false;
+  /** The backend kept going after the proxy turned a statement into an error: drop its output to ReadyForQuery. */
+  private droppingUntilReady = false;
   /** GUCs as the client was given them at startup (RESET returns to these, as in PostgreSQL). */
   private startupParams = new Map<string, string>();
   /** ParameterStatus values the client has been told, so a re-synced backend's changes reach it too. */
@@ -274,6 +306,17 @@ export class ClientSession implements ServerRelay {
       throw err;
     }
     const tenant = identity.tenant;
+    this.tenant = tenant;
+    if (tenant.maxClients !== null && tenant.clients >= tenant.maxClients) {
+      if (verified !== null) this.pool.release(verified, true, tenant);
+      tenant.stats.rejections.connection_cap++;
+      throw new LoginRefused({ code: '53300', message: `too many connections for tenant "${tenant.id}"`, detail: `max_connections is ${tenant.maxClients}.` });
+    }
+    if (tenant.readOnly) {
+      // Belt and braces: PostgreSQL itself refuses writes the classifier cannot see (volatile functions).
+      this.desired.set('default_transaction_read_only', 'on');
+      this.startupParams.set('default_transaction_read_only', 'on');
+    }
     tenant.clients++;
     this.countedClient = true;
     const server = verified ?? (await this.acquireServer());
@@ -508,6 +551,23 @@ export class ClientSession implements ServerRelay {
           this.terminate();
           return;
         }
+        if (this.skippingUntilSync) {
+          // After a refusal the proxy answered itself, PostgreSQL's rule: ignore everything up to Sync.
+          if (type === Msg.Sync) {
+            this.skippingUntilSync = false;
+            this.toClientOwn(readyForQuery(this.txStatus));
+          }
+          this.inHead++;
+          continue;
+        }
+        if (this.judgedIndex !== this.inHead) {
+          this.judgedIndex = this.inHead;
+          this.refusal = this.identity!.tenant.checksStatements ? this.judge(type, buf, start, end) : null;
+          if (this.refusal !== null && this.refuseLocally(this.refusal, type)) {
+            this.inHead++;
+            continue;
+          }
+        }
         if (this.server === null) {
           if (this.answerWithoutServer(type, buf, start, end)) {
             this.inHead++;
@@ -530,13 +590,15 @@ export class ClientSession implements ServerRelay {
           return;
         }
         this.inHead++;
-        this.forwardClientMessage(buf, start, end, type);
+        if (this.refusal !== null) this.refuseThroughServer(this.refusal, type);
+        else this.forwardClientMessage(buf, start, end, type);
       }
       this.flushToServer();
       this.inBufs.length = 0;
       this.inStarts.length = 0;
       this.inEnds.length = 0;
       this.inHead = 0;
+      this.judgedIndex = -1;
     } finally {
       sock?.uncork();
     }
@@ -606,6 +668,171 @@ export class ClientSession implements ServerRelay {
     this.reportParameterChanges(server);
   }
 
+  // ── guardrails ─────────────────────────────────────────────────────────────────────
+
+  /**
+   * Judges a Query, Parse, Execute or FunctionCall against the tenant's isolation, permissions and QPS
+   * bucket. One "query" for the bucket is one statement of a simple Query, or one Execute.
+   */
+  private judge(type: number, buf: Buffer, start: number, end: number): Rejection | null {
+    const tenant = this.identity!.tenant;
+    this.judgedFacts = null;
+    switch (type) {
+      case Msg.Query: {
+        const sql = buf.toString('utf8', start + 5, end - 1);
+        const verdict = this.judgeSql(sql);
+        if (verdict !== null) return verdict;
+        const statements = this.judgedFacts === null ? 1 : Math.max(1, (this.judgedFacts as StatementFacts[]).length);
+        return this.takeTokens(statements);
+      }
+      case Msg.Parse: {
+        const span = parseNameSpan(buf, start, end);
+        if (span === null) return null; // malformed: PostgreSQL will say so
+        const queryEnd = buf.indexOf(0, span[1] + 1);
+        return this.judgeSql(buf.toString('utf8', span[1] + 1, queryEnd < 0 || queryEnd >= end ? end : queryEnd));
+      }
+      case Msg.Execute:
+        return this.takeTokens(1);
+      case Msg.FunctionCall:
+        // A fast-path call names its function by OID: nothing to check it against.
+        return tenant.rules.permissions !== null || tenant.rules.allowedSchemas !== null
+          ? { code: '42501', reason: 'permission', message: `permission denied for tenant "${tenant.id}": fast-path function calls cannot be checked` }
+          : this.takeTokens(1);
+      default:
+        return null;
+    }
+  }
+
+  private judgeSql(sql: string): Rejection | null {
+    const tenant = this.identity!.tenant;
+    if (sql.length > MAX_CHECKED_SQL) {
+      return { code: '54000', reason: 'too_long', message: `statement too long for tenant "${tenant.id}": the proxy checks statements up to ${MAX_CHECKED_SQL} characters` };
+    }
+    const facts = this.ctx.statements.lookup(sql);
+    if (facts instanceof ParseFailure) return null; // nothing unparsable can run: PostgreSQL reports the syntax error
+    for (const f of facts) {
+      const r = checkStatement(f, tenant.rules);
+      if (r !== null) return r;
+    }
+    this.judgedFacts = facts;
+    return null;
+  }
+
+  private takeTokens(n: number): Rejection | null {
+    const tenant = this.identity!.tenant;
+    const bucket = tenant.bucket;
+    if (bucket === null) return null;
+    const waitMs = bucket.take(n);
+    if (waitMs === 0) return null;
+    return {
+      code: '53400',
+      reason: 'rate_limit',
+      message: `rate limit exceeded for tenant "${tenant.id}": qps_limit is ${bucket.rate} (burst ${bucket.capacity})`,
+      detail: `Retry after ${waitMs} ms.`,
+    };
+  }
+
+  private refusalMessage(r: Rejection): Buffer {
+    const tenant = this.identity!.tenant;
+    tenant.stats.rejections[r.reason]++;
+    this.log.info({ reason: r.reason, code: r.code }, r.message);
+    return errorResponse({ severity: 'ERROR', code: r.code, message: r.message, ...(r.detail ? { detail: r.detail } : {}), ...(r.hint ? { hint: r.hint } : {}) });
+  }
+
+  /**
+   * With nothing in flight and no transaction open, a refusal needs no backend: the proxy answers as
+   * PostgreSQL would (ErrorResponse, then ReadyForQuery or skip-until-Sync). Returns false otherwise.
+   */
+  private refuseLocally(r: Rejection, type: number): boolean {
+    if (this.expect.length > 0 || this.txStatus === 'T') return false;
+    const err = this.refusalMessage(r);
+    this.flushToServer();
+    if (type === Msg.Query || type === Msg.FunctionCall) this.toClientOwn(Buffer.concat([err, readyForQuery(this.txStatus)]));
+    else {
+      this.toClientOwn(err);
+      this.skippingUntilSync = true;
+    }
+    return true;
+  }
+
+  /**
+   * Inside a transaction (or behind requests in flight) the backend must fail too, or a later COMMIT would
+   * commit what came before the refusal. The refused message is replaced by one the backend rejects at
+   * once without running anything, and its error is replaced by the proxy's.
+   */
+  private refuseThroughServer(r: Rejection, type: number): void {
+    const err = this.refusalMessage(r);
+    switch (type) {
+      case Msg.Parse:
+        this.awaitingSync = true;
+        this.toServerOwn(parse('hp_refused', REFUSED_SQL));
+        this.expect.push(Expect.Parse, null, err);
+        break;
+      case Msg.Execute:
+        this.awaitingSync = true;
+        this.toServerOwn(execute('hp_refused'));
+        this.expect.push(Expect.Execute, null, err);
+        break;
+      default:
+        this.toServerOwn(query(REFUSED_SQL));
+        this.expect.push(Expect.Sync, null, err);
+    }
+  }
+
+  /** Cancels the statement running for this client because the proxy's limit was hit (not the client's cancel). */
+  private cancelFor(reason: 'duration' | 'result'): void {
+    if (this.cancelReason !== null || this.server === null) return;
+    this.cancelReason = reason;
+    this.ctx.sendCancel(this.server);
+  }
+
+  /** Called by the proxy's duration watch (every 100 ms) for sessions with a statement running. */
+  checkDuration(now: number): void {
+    const limit = this.identity?.tenant.maxDurationMs ?? null;
+    if (limit === null || this.runningSince === 0 || this.cancelReason !== null) return;
+    if (now - this.runningSince > limit) this.cancelFor('duration');
+  }
+
+  /** A statement (or a whole simple Query) finished: the next one in flight, if any, starts its clock now. */
+  private statementDone(): void {
+    this.rowCount = 0;
+    this.byteCount = 0;
+    if (this.expect.length > 0 && this.runningSince !== 0) this.runningSince = Date.now();
+    else if (this.runningSince !== 0) {
+      this.runningSince = 0;
+      this.ctx.running.delete(this);
+    }
+  }
+
+  private statementStarted(): void {
+    const tenant = this.identity!.tenant;
+    tenant.stats.queries++;
+    if (this.runningSince === 0 && tenant.maxDurationMs !== null) {
+      this.runningSince = Date.now();
+      this.ctx.running.add(this);
+    }
+  }
+
+  /** The ErrorResponse the client gets for a statement the proxy cancelled or cut short. */
+  private limitError(reason: 'duration' | 'result'): Buffer {
+    const tenant = this.identity!.tenant;
+    if (reason === 'duration') {
+      tenant.stats.rejections.duration++;
+      this.log.info({ reason: 'duration' }, 'statement cancelled: max_query_duration');
+      return errorResponse({ severity: 'ERROR', code: '57014', message: `canceling statement due to max_query_duration of tenant "${tenant.id}" (${tenant.maxDurationMs! / 1000} s)` });
+    }
+    const rowsHit = tenant.maxRows !== null && this.rowCount > tenant.maxRows;
+    tenant.stats.rejections[rowsHit ? 'rows' : 'result_size']++;
+    this.log.info({ reason: rowsHit ? 'rows' : 'result_size' }, 'result limit exceeded');
+    return errorResponse({
+      severity: 'ERROR',
+      code: '54000',
+      message: rowsHit
+        ? `result exceeds max_rows_per_query of tenant "${tenant.id}" (${tenant.maxRows} rows)`
+        : `result exceeds max_result_size of tenant "${tenant.id}" (${tenant.maxResultBytes} bytes)`,
+    });
+  }
+
   /** Between transactions some messages need no backend at all. Returns false when one is needed. */
   private answerWithoutServer(type: number, buf: Buffer, start: number, end: number): boolean {
     switch (type) {
@@ -643,6 +870,7 @@ export class ClientSession implements ServerRelay {
       case Msg.Query:
         this.noteStateChanges(buf, start + 5, end);
         this.expect.push(Expect.Sync);
+        this.statementStarted();
         break;
       case Msg.Sync:
         // During COPY FROM STDIN the backend ignores Sync: no ReadyForQuery will answer it.
@@ -655,6 +883,7 @@ export class ClientSession implements ServerRelay {
       case Msg.Execute:
         this.awaitingSync = true;
         this.expect.push(Expect.Execute);
+        this.statementStarted();
         break;
       case Msg.CopyDone:
       case Msg.CopyFail:
@@ -756,7 +985,13 @@ export class ClientSession implements ServerRelay {
 
   /** Statements that may drop the proxy's settings or the backend's prepared statements, noted for ReadyForQuery. */
   private noteStateChanges(buf: Buffer, from: number, end: number): void {
-    // latin1 decoding is a straight byte copy: enough for keyword tests, and no UTF-8 validation cost.
+    const facts = this.judgedFacts;
+    if (facts !== null) {
+      this.noteFacts(facts);
+      return;
+    }
+    // Not classified (a tenant without guardrails): a keyword test on the raw text. latin1 decoding is a
+    // straight byte copy: enough for keywords, and no UTF-8 validation cost.
     const text = buf.toString('latin1', from, end);
     if (RESETS_STATE.test(text)) this.reapplyAtReady = true;
     if (DROPS_STATEMENTS.test(text)) this.dropStatementsAtReady = true;
@@ -768,6 +1003,23 @@ export class ClientSession implements ServerRelay {
         const set: Set<string> = this.restoreAtReady instanceof Set ? this.restoreAtReady : new Set();
         set.add(name);
         this.restoreAtReady = set;
+      }
+    }
+  }
+
+  /** The same notes as the keyword test, from the classifier's facts. */
+  private noteFacts(facts: StatementFacts[]): void {
+    for (const f of facts) {
+      if (f.dropsPrepared) this.dropStatementsAtReady = true;
+      for (const st of f.settings) {
+        if (st.name === 'search_path' || st.name === 'all' || st.name === 'role' || st.name === 'session_authorization') this.reapplyAtReady = true;
+        if (st.via !== 'reset') continue;
+        if (st.name === 'all') this.restoreAtReady = 'all';
+        else if (this.restoreAtReady !== 'all' && this.startupParams.has(st.name)) {
+          const set: Set<string> = this.restoreAtReady instanceof Set ? this.restoreAtReady : new Set();
+          set.add(st.name);
+          this.restoreAtReady = set;
+        }
       }
     }
   }
@@ -857,9 +1109,22 @@ export class ClientSession implements ServerRelay {
 
   message(buf: Buffer, start: number, end: number): void {
     const type = buf[start]!;
+    if (this.droppingUntilReady && type !== Msg.ReadyForQuery) {
+      if (type === Msg.ParameterStatus) this.server!.noteParameterStatus(buf, start, end);
+      return;
+    }
     switch (type) {
       case Msg.DataRow:
+      case Msg.CopyData: {
+        const t = this.tenant;
+        t.stats.rows++;
+        t.stats.bytes += end - start;
+        if (t.countsResults && this.countResult(end - start)) return;
         this.toClient(buf, start, end);
+        return;
+      }
+      case Msg.CopyDone:
+        if (!this.resultTripped) this.toClient(buf, start, end);
         return;
       case Msg.ParseComplete:
       case Msg.CloseComplete: {
@@ -885,16 +1150,19 @@ export class ClientSession implements ServerRelay {
       case Msg.CommandComplete:
       case Msg.EmptyQueryResponse:
       case Msg.PortalSuspended:
+        if (this.resultTripped) {
+          this.completedOverLimit();
+          return;
+        }
         this.toClient(buf, start, end);
         if (this.expect.peek() === Expect.Execute) {
           this.expect.shift();
           this.emitSynthesized();
         }
+        this.statementDone();
         return;
       case Msg.ErrorResponse:
-        this.toClient(buf, start, end);
-        this.copyIn = false;
-        this.skipUntilSync();
+        this.onErrorResponse(buf, start, end);
         return;
       case Msg.CopyInResponse:
         // Syncs the client sent before its data will be ignored by the backend (protocol: copy-in mode).
@@ -911,6 +1179,53 @@ export class ClientSession implements ServerRelay {
       default:
         this.toClient(buf, start, end);
     }
+  }
+
+  /** Counts a row against max_rows_per_query / max_result_size; true when it must be dropped. */
+  private countResult(size: number): boolean {
+    if (this.resultTripped) return true;
+    const t = this.tenant;
+    this.rowCount++;
+    this.byteCount += size;
+    if ((t.maxRows !== null && this.rowCount > t.maxRows) || (t.maxResultBytes !== null && this.byteCount > t.maxResultBytes)) {
+      // Stop forwarding, stop the backend, and report at the statement's end: memory stays flat.
+      this.resultTripped = true;
+      this.flushToClient();
+      this.cancelFor('result');
+      return true;
+    }
+    return false;
+  }
+
+  /**
+   * The statement finished before the cancel reached it: the client still gets the limit's error, and
+   * since the backend did not fail, its further output up to ReadyForQuery is dropped (the client, as
+   * after any error, expects nothing more before it).
+   */
+  private completedOverLimit(): void {
+    this.toClientOwn(this.limitError('result'));
+    this.resultTripped = false;
+    this.cancelReason = null;
+    this.tenant.stats.errors++;
+    this.skipUntilSync();
+    this.droppingUntilReady = true;
+    this.statementDone();
+  }
+
+  private onErrorResponse(buf: Buffer, start: number, end: number): void {
+    const head = this.expect.peek();
+    if (head === Expect.Internal) return; // the proxy's own failing statement: its ReadyForQuery follows
+    const substitute = this.expect.peekSubstitute();
+    if (substitute !== null) this.toClientOwn(substitute);
+    else if (this.resultTripped) this.toClientOwn(this.limitError('result'));
+    else if (this.cancelReason === 'duration' && decodeErrorFields(buf, start, end).get('C') === '57014') this.toClientOwn(this.limitError('duration'));
+    else this.toClient(buf, start, end);
+    if (substitute === null) this.tenant.stats.errors++;
+    this.resultTripped = false;
+    this.cancelReason = null;
+    this.copyIn = false;
+    this.skipUntilSync();
+    this.statementDone();
   }
 
   batchEnd(): void {
@@ -949,8 +1264,13 @@ export class ClientSession implements ServerRelay {
     const server = this.server!;
     const status = String.fromCharCode(buf[start + 5]!) as TxStatus;
     server.txStatus = status;
-    while (this.expect.length > 0 && this.expect.peek() !== Expect.Sync) this.expect.shift();
+    while (this.expect.length > 0 && this.expect.peek() !== Expect.Sync && this.expect.peek() !== Expect.Internal) this.expect.shift();
     this.expect.shift();
+    this.statementDone();
+    if (this.droppingUntilReady) {
+      this.droppingUntilReady = false;
+      if (status === 'T' && this.failServerTransaction(server)) return;
+    }
     if (this.dropStatementsAtReady) {
       this.dropStatementsAtReady = false;
       server.prepared.clear();
@@ -976,6 +1296,25 @@ export class ClientSession implements ServerRelay {
     this.toClient(buf, start, end);
     this.emitSynthesized();
     if (this.expect.length === 0 && status === 'I' && mode !== 'session' && !this.awaitingSync) this.releaseServer(true);
+  }
+
+  /**
+   * The client was told a statement failed that the backend completed inside a transaction block: fail the
+   * backend's transaction too, so a COMMIT cannot commit it. Returns true when the ReadyForQuery is held
+   * back (the one answering the proxy's failing statement goes to the client instead).
+   */
+  private failServerTransaction(server: ServerConnection): boolean {
+    if (this.expect.length > 0) {
+      // Requests pipelined behind it are already running in that transaction: only closing it is honest.
+      this.log.warn('result limit hit in a pipelined transaction: closing the connection');
+      this.flushToClient();
+      this.fatal({ code: '54000', message: 'result limit exceeded inside a pipelined transaction; the connection is closed and the transaction rolled back' });
+      return true;
+    }
+    this.flushToClient();
+    server.write(query(REFUSED_SQL));
+    this.expect.push(Expect.Internal);
+    return true;
   }
 
   /** Statement mode: a transaction block was opened. Roll it back and tell the client why. */
@@ -1037,6 +1376,7 @@ export class ClientSession implements ServerRelay {
     this.phase = 'closed';
     clearTimeout(this.loginTimer);
     this.ctx.sessions.delete(this);
+    this.ctx.running.delete(this);
     if (this.cancelKey !== null) this.ctx.cancels.unregister(this.cancelKey.pid);
     if (this.countedClient) this.identity!.tenant.clients--;
     const server = this.server;

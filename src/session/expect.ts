@@ -19,21 +19,33 @@ export const enum Expect {
   /** Responses the proxy writes itself, in order, without the backend. */
   SynthParseComplete,
   SynthCloseComplete,
+  /**
+   * A Query the proxy sent to fail the backend's transaction (after it refused a statement the backend had
+   * already run): its ErrorResponse is dropped, its ReadyForQuery ('E') goes to the client.
+   */
+  Internal,
 }
 
 /** A FIFO of small ints with a parallel payload slot, reused across requests to avoid per-message objects. */
 export class ExpectQueue {
   private kinds: Expect[] = [];
   private payloads: (string | null)[] = [];
+  /** An ErrorResponse to send instead of the backend's, for requests the proxy replaced to refuse them. */
+  private substitutes: (Buffer | null)[] = [];
   private head = 0;
 
   get length(): number {
     return this.kinds.length - this.head;
   }
 
-  push(kind: Expect, payload: string | null = null): void {
+  push(kind: Expect, payload: string | null = null, substitute: Buffer | null = null): void {
     this.kinds.push(kind);
     this.payloads.push(payload);
+    this.substitutes.push(substitute);
+  }
+
+  peekSubstitute(): Buffer | null {
+    return this.substitutes[this.head] ?? null;
   }
 
   peek(): Expect | undefined {
@@ -47,6 +59,7 @@ export class ExpectQueue {
   /** Removes and returns the newest entry (only right after a push). */
   popLast(): Expect {
     this.payloads.pop();
+    this.substitutes.pop();
     return this.kinds.pop()!;
   }
 
@@ -58,6 +71,7 @@ export class ExpectQueue {
   clear(): void {
     this.kinds.length = 0;
     this.payloads.length = 0;
+    this.substitutes.length = 0;
     this.head = 0;
   }
 
@@ -67,6 +81,7 @@ export class ExpectQueue {
       if (this.kinds[i] === Expect.Sync) {
         this.kinds.splice(i, 1);
         this.payloads.splice(i, 1);
+        this.substitutes.splice(i, 1);
       }
     }
   }

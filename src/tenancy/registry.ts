@@ -1,12 +1,47 @@
 // tenancy/ owns who a connection belongs to: turning a StartupMessage's user and database into a Tenant,
 // a backend role and a backend database, and the runtime Tenant objects (settings plus live counters).
 import type { Config, IsolationConfig, TenantConfig, TenantDefaults, TenantPoolConfig } from '../config/schema.js';
+import type { TenantRules } from '../policy/check.js';
+import { TokenBucket } from '../policy/rate.js';
 import { quoteIdent } from '../protocol/messages.js';
+
+type RateLimits = NonNullable<TenantConfig['rate_limits']>;
+type Permissions = NonNullable<TenantConfig['permissions']>;
+
+/** The parts of a tenant's configuration a Tenant is built from (a [[multi_tenancy.tenants]] block or the defaults). */
+export interface TenantSettings {
+  isolation: IsolationConfig;
+  pool: TenantPoolConfig;
+  rate_limits?: RateLimits | undefined;
+  permissions?: Permissions | undefined;
+}
+
+/** Why statements or connections were refused, as counted per tenant. */
+export type RejectionReason = 'rate_limit' | 'permission' | 'isolation' | 'connection_cap' | 'duration' | 'result_size' | 'rows' | 'too_long';
+
+/** Counters since start, read by the admin API. */
+export class TenantStats {
+  queries = 0;
+  errors = 0;
+  rows = 0;
+  bytes = 0;
+  readonly rejections: Record<RejectionReason, number> = {
+    rate_limit: 0,
+    permission: 0,
+    isolation: 0,
+    connection_cap: 0,
+    duration: 0,
+    result_size: 0,
+    rows: 0,
+    too_long: 0,
+  };
+}
 
 export class Tenant {
   /** Live counters, read by pools and the admin API. */
   clients = 0;
   backendsInUse = 0;
+  readonly stats = new TenantStats();
 
   readonly strategy: 'schema' | 'database';
   readonly database: string;
@@ -15,20 +50,60 @@ export class Tenant {
   readonly searchPath: string | null;
   /** Database names a client may give for this tenant. */
   readonly databaseNames: string[];
+  pool: TenantPoolConfig;
+
+  // Guardrails (rate_limits, permissions): replaced as a whole when the configuration changes.
+  rules!: TenantRules;
+  bucket: TokenBucket | null = null;
+  maxDurationMs: number | null = null;
+  maxResultBytes: number | null = null;
+  maxRows: number | null = null;
+  maxClients: number | null = null;
+  /** Whether statements must be classified at all: schema isolation, permissions or a QPS limit. */
+  checksStatements = false;
+  /** Whether results are counted (max_result_size / max_rows_per_query). */
+  countsResults = false;
+  readOnly = false;
 
   constructor(
     readonly id: string,
     readonly name: string,
-    isolation: IsolationConfig,
-    readonly pool: TenantPoolConfig,
+    settings: TenantSettings,
     /** Configured in proxy.toml, auto-created, or an unknown tenant let through. */
     readonly origin: 'configured' | 'auto' | 'passthrough',
   ) {
+    const isolation = settings.isolation;
     this.strategy = isolation.strategy;
     this.database = isolation.database_name ?? id;
     this.schema = isolation.strategy === 'schema' ? (isolation.schema_name ?? id) : null;
     this.searchPath = this.schema === null ? null : `${quoteIdent(this.schema)}, public`;
     this.databaseNames = [...new Set([this.database, id, `${id}_db`])];
+    this.pool = settings.pool;
+    this.configure(settings);
+  }
+
+  /** Applies pool caps, limits and permissions (at start and on reload; isolation never changes live). */
+  configure(settings: TenantSettings): void {
+    this.pool = settings.pool;
+    const rl = settings.rate_limits;
+    const perms = settings.permissions ?? null;
+    this.rules = {
+      id: this.id,
+      allowedSchemas: this.schema === null ? null : new Set([this.schema, 'public', 'pg_temp']),
+      permissions: perms,
+    };
+    if (rl?.qps_limit !== undefined) {
+      const capacity = Math.max(1, Math.floor(rl.qps_limit * rl.burst_multiplier));
+      if (this.bucket === null) this.bucket = new TokenBucket(rl.qps_limit, capacity);
+      else this.bucket.reconfigure(rl.qps_limit, capacity);
+    } else this.bucket = null;
+    this.maxDurationMs = rl?.max_query_duration !== undefined ? rl.max_query_duration * 1000 : null;
+    this.maxResultBytes = rl?.max_result_size ?? null;
+    this.maxRows = rl?.max_rows_per_query ?? null;
+    this.maxClients = rl?.max_connections ?? null;
+    this.readOnly = perms?.read_only ?? false;
+    this.checksStatements = this.schema !== null || perms !== null || this.bucket !== null;
+    this.countsResults = this.maxResultBytes !== null || this.maxRows !== null;
   }
 
   /** Identifies whose session state a backend connection carries; unknown tenants never share with known ones. */
@@ -41,7 +116,7 @@ export class Tenant {
   }
 
   static fromConfig(t: TenantConfig): Tenant {
-    return new Tenant(t.id, t.name ?? t.id, t.isolation, t.pool, 'configured');
+    return new Tenant(t.id, t.name ?? t.id, t, 'configured');
   }
 }
 
@@ -177,7 +252,12 @@ export class TenantRegistry {
     let tenant = this.passthrough.get(database);
     if (tenant === undefined) {
       const d = this.config.defaults;
-      tenant = new Tenant('(unknown)', 'unidentified connections', { strategy: 'database', database_name: database }, d?.pool ?? { max_connections: 20, dedicated_pool: false }, 'passthrough');
+      tenant = new Tenant(
+        '(unknown)',
+        'unidentified connections',
+        { isolation: { strategy: 'database', database_name: database }, pool: d?.pool ?? { max_connections: 20, dedicated_pool: false }, rate_limits: d?.rate_limits, permissions: d?.permissions },
+        'passthrough',
+      );
       this.passthrough.set(database, tenant);
     }
     return { tenant, role, clientUser };
@@ -185,5 +265,5 @@ export class TenantRegistry {
 }
 
 function fromDefaults(id: string, d: TenantDefaults): Tenant {
-  return new Tenant(id, id, d.isolation!, d.pool, 'auto');
+  return new Tenant(id, id, { ...d, isolation: d.isolation! }, 'auto');
 }

@@ -33,6 +33,12 @@ export interface ProxyOptions {
   admin?: boolean;
   /** Directory relative paths (auth_file) resolve against. */
   baseDir?: string;
+  /**
+   * false: drop every tenant's rate_limits and permissions (tests of pooling and protocol behaviour that
+   * use COPY, LISTEN, DO or catalogs). Schema isolation still holds: it does not depend on permissions.
+   * Default true: the reference configuration as it is.
+   */
+  guardrails?: boolean;
 }
 
 export function loadTestConfig(opts: ProxyOptions = {}): LoadedConfig {
@@ -43,6 +49,17 @@ export function loadTestConfig(opts: ProxyOptions = {}): LoadedConfig {
   node.host = db.host;
   node.port = db.port;
   if (opts.mode !== undefined) loaded.config.pool_mode.mode = opts.mode;
+  if (opts.guardrails === false) {
+    for (const t of loaded.config.multi_tenancy.tenants) {
+      delete t.rate_limits;
+      delete t.permissions;
+    }
+    const d = loaded.config.multi_tenancy.defaults;
+    if (d !== undefined) {
+      delete d.rate_limits;
+      delete d.permissions;
+    }
+  }
   opts.patch?.(loaded.config);
   return loaded;
 }
