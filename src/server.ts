@@ -3,9 +3,10 @@
 // lifecycle (start, graceful close); every per-connection decision lives in session/.
 import { createServer, connect as netConnect, type Server, type Socket } from 'node:net';
 import { pino, type Logger } from 'pino';
+import { ProxyMetrics } from './admin/metrics.js';
 import { AdminServer } from './admin/server.js';
 import { CredentialStore } from './auth/credentials.js';
-import { primaryNode, splitAddress, type LoadedConfig } from './config/load.js';
+import { ConfigError, loadConfigFile, primaryNode, splitAddress, type LoadedConfig } from './config/load.js';
 import type { Config } from './config/schema.js';
 import { bindText, cancelRequest, errorResponse, execute, parse, SYNC } from './protocol/messages.js';
 import { PoolManager } from './pool/manager.js';
@@ -14,7 +15,7 @@ import { CancelRegistry } from './session/cancel.js';
 import { ClientSession, type SessionContext } from './session/client-session.js';
 import { FactsCache } from './policy/cache.js';
 import { loadParser } from './policy/classify.js';
-import { TenantRegistry } from './tenancy/registry.js';
+import { TenantRegistry, type Tenant } from './tenancy/registry.js';
 
 export interface StartOptions {
   logger?: Logger;
@@ -35,21 +36,24 @@ export class ProxyServer {
   host = '';
 
   private constructor(
-    readonly loaded: LoadedConfig,
+    public loaded: LoadedConfig,
     readonly log: Logger,
   ) {
     const config = loaded.config;
     const node = primaryNode(config);
     const credentials = new CredentialStore(config.auth, loaded.baseDir);
     const tenants = new TenantRegistry(config.multi_tenancy);
+    const pools = new PoolManager(config, { host: node.host, port: node.port }, credentials, () => tenants.all());
+    const sessions = new Set<ClientSession>();
     const ctx: SessionContext = {
       config,
       credentials,
       tenants,
-      pools: new PoolManager(config, { host: node.host, port: node.port }, credentials, () => tenants.all()),
+      pools,
+      metrics: new ProxyMetrics(() => tenants.allWithPassthrough(), () => pools, () => sessions.size),
       cancels: new CancelRegistry(),
       log,
-      sessions: new Set(),
+      sessions,
       running: new Set(),
       statements: new FactsCache(),
       sendCancel: (s) => this.sendCancel(s),
@@ -165,19 +169,90 @@ export class ProxyServer {
     return p;
   }
 
-  /** Stops accepting, ends every session with 57P01, closes pools. */
-  async close(): Promise<void> {
+  /**
+   * Re-reads the config file. A file with problems changes nothing (the old configuration keeps serving);
+   * otherwise tenants, limits, permissions, pools, pool mode, identification, auth_file and log level
+   * apply at once, and keys that cannot change under a running proxy are reported as needing a restart.
+   */
+  reload(): ReloadResult {
+    const path = this.loaded.path;
+    if (path === undefined) return { ok: false, problems: ['this proxy was not started from a config file'] };
+    let next: LoadedConfig;
+    try {
+      next = loadConfigFile(path);
+    } catch (err) {
+      const problems = err instanceof ConfigError ? err.problems : [String(err)];
+      this.log.error({ problems }, 'reload failed: the previous configuration stays in force');
+      return { ok: false, problems };
+    }
+    return this.apply(next);
+  }
+
+  /** Applies an already validated configuration (reload, and tests). */
+  apply(next: LoadedConfig): ReloadResult {
+    const prev = this.ctx.config;
+    const c = next.config;
+    const restartRequired: string[] = [];
+    if (c.listen_address !== prev.listen_address) restartRequired.push('listen_address');
+    if (c.admin_address !== prev.admin_address) restartRequired.push('admin_address');
+    const [pn, nn] = [primaryNode(prev), primaryNode(c)];
+    if (pn.host !== nn.host || pn.port !== nn.port) restartRequired.push('nodes (primary host/port)');
+    if ((prev.auth === undefined) !== (c.auth === undefined)) restartRequired.push('auth (adding or removing the [auth] section)');
+    // Keys that need a restart keep their old values; everything else takes the new ones.
+    c.listen_address = prev.listen_address;
+    c.admin_address = prev.admin_address;
+    const keepNode = primaryNode(c);
+    keepNode.host = pn.host;
+    keepNode.port = pn.port;
+    if (restartRequired.includes('auth (adding or removing the [auth] section)')) c.auth = prev.auth;
+    else this.ctx.credentials.reloadFile(c.auth, next.baseDir);
+
+    const tenants = this.ctx.tenants.reconfigure(c.multi_tenancy);
+    restartRequired.push(...tenants.restartRequired);
+    this.ctx.config = c;
+    this.loaded = { ...next, config: c };
+    this.ctx.pools.reconfigure(c, (id) => this.ctx.tenants.get(id));
+    this.log.level = c.log_level;
+    for (const s of this.ctx.sessions) if (s.identity?.tenant.removed) s.endIfIdle();
+    const result: ReloadResult = { ok: true, added: tenants.added, removed: tenants.removed, reconfigured: tenants.changed, restartRequired, notEnforced: next.notEnforced };
+    this.log.info(result, 'configuration reloaded');
+    if (restartRequired.length > 0) this.log.warn({ keys: restartRequired }, 'these changed keys need a restart to take effect');
+    return result;
+  }
+
+  /** Ends every session of a tenant at its next transaction boundary (admin API). */
+  disconnectTenant(t: Tenant): void {
+    for (const s of this.ctx.sessions) if (s.identity?.tenant === t) s.endAtBoundary('terminating connection: disconnected by an operator');
+  }
+
+  /**
+   * Graceful shutdown: stop accepting, end idle sessions now, let transactions in flight finish for up to
+   * `timeoutMs`, then end the rest. All with 57P01, as PostgreSQL's own shutdown.
+   */
+  async shutdown(timeoutMs = this.config.shutdown_timeout_secs * 1000): Promise<void> {
     this.ctx.shuttingDown = true;
     clearInterval(this.durationWatch);
-    // server.close() only calls back once every accepted socket is gone: end the sessions first.
-    const closed = new Promise<void>((resolve) => this.server.close(() => resolve()));
+    const listenerClosed = new Promise<void>((resolve) => this.server.close(() => resolve()));
+    for (const s of [...this.ctx.sessions]) s.endIfIdle();
+    const deadline = Date.now() + timeoutMs;
+    while (this.ctx.sessions.size > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
     for (const s of [...this.ctx.sessions]) s.fatal({ code: '57P01', message: 'terminating connection: the proxy is shutting down' });
-    await closed;
+    await listenerClosed;
     this.ctx.pools.shutdown();
+    this.ctx.metrics.close();
     if (this.authConn !== null) this.authConn.then((c) => c.close(), () => undefined);
     await this.admin?.close();
   }
+
+  /** Immediate shutdown (tests): every session ends now. */
+  close(): Promise<void> {
+    return this.shutdown(0);
+  }
 }
+
+export type ReloadResult =
+  | { ok: true; added: string[]; removed: string[]; reconfigured: string[]; restartRequired: string[]; notEnforced: string[] }
+  | { ok: false; problems: string[] };
 
 /** Starts a proxy for tests and the benchmark with pino silenced unless asked. */
 export function silentLogger(): Logger {

@@ -33,13 +33,19 @@ export class CredentialStore {
   private learnedAt = new Map<string, number>();
 
   constructor(
-    private readonly auth: Config['auth'],
+    private auth: Config['auth'],
     baseDir: string,
   ) {
+    this.reloadFile(auth, baseDir);
+  }
+
+  /** (Re-)reads auth_file; secrets learned from logins are kept. */
+  reloadFile(auth: Config['auth'], baseDir: string): void {
+    this.auth = auth;
     if (auth?.auth_file !== undefined) {
       const path = resolve(baseDir, auth.auth_file);
       this.fileSecrets = parseUserlist(readFileSync(path, 'utf8'), path);
-    }
+    } else this.fileSecrets = new Map();
   }
 
   /** With no [auth] section the proxy asks for a cleartext password and lets the backend judge it. */

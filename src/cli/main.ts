@@ -96,13 +96,17 @@ async function run(argv: string[]): Promise<number> {
   const port = portFlag(argv, 'port');
   const listen = port === undefined ? undefined : { host: loaded.config.listen_address.replace(/:\d+$/, '').replace(/^\[|\]$/g, ''), port };
   const proxy = await ProxyServer.start(loaded, listen === undefined ? {} : { listen });
+  process.on('SIGHUP', () => {
+    proxy.log.info('SIGHUP: reloading configuration');
+    proxy.reload();
+  });
   await new Promise<void>((resolve) => {
-    const stop = (): void => {
-      proxy.log.info('shutting down');
-      proxy.close().then(resolve, resolve);
+    const stop = (signal: string): void => {
+      proxy.log.info({ signal, timeout_secs: proxy.config.shutdown_timeout_secs }, 'shutting down: letting transactions in flight finish');
+      proxy.shutdown().then(resolve, resolve);
     };
-    process.once('SIGINT', stop);
-    process.once('SIGTERM', stop);
+    process.once('SIGINT', () => stop('SIGINT'));
+    process.once('SIGTERM', () => stop('SIGTERM'));
   });
   return 0;
 }

@@ -21,6 +21,8 @@ export interface LoadedConfig {
   notEnforced: string[];
   /** Directory relative paths in the file are resolved against. */
   baseDir: string;
+  /** The file it came from (what a reload re-reads); absent for configs parsed from text. */
+  path?: string;
 }
 
 function keyPath(path: readonly PropertyKey[]): string {
@@ -68,7 +70,7 @@ export function loadConfigFile(path: string): LoadedConfig {
   } catch (err) {
     throw new ConfigError(path, [`cannot read file: ${(err as NodeJS.ErrnoException).code ?? String(err)}`]);
   }
-  return parseConfig(text, path, dirname(resolve(path)));
+  return { ...parseConfig(text, path, dirname(resolve(path))), path: resolve(path) };
 }
 
 function crossChecks(c: Config, baseDir: string): string[] {
@@ -165,13 +167,6 @@ function notEnforcedKeys(raw: Record<string, unknown>, c: Config): string[] {
   c.nodes.forEach((n) => {
     if (n.role !== 'primary') out.push(`nodes."${n.name}" (standby)`);
   });
-  const tenants = c.multi_tenancy.tenants;
-  if (tenants.some((t) => t.rate_limits !== undefined) || c.multi_tenancy.defaults?.rate_limits !== undefined) {
-    out.push('multi_tenancy.tenants.rate_limits');
-  }
-  if (tenants.some((t) => t.permissions !== undefined) || c.multi_tenancy.defaults?.permissions !== undefined) {
-    out.push('multi_tenancy.tenants.permissions');
-  }
   return out;
 }
 

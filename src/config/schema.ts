@@ -158,6 +158,10 @@ export const MultiTenancySchema = z.strictObject({
 export const ConfigSchema = z.strictObject({
   listen_address: address.default('0.0.0.0:6432'),
   admin_address: address.optional(),
+  /** When set, every admin route but /health and /ready needs `Authorization: Bearer <admin_token>`. */
+  admin_token: z.string().min(16, 'use at least 16 characters').optional(),
+  /** SIGTERM/SIGINT: how long in-flight transactions may finish before clients are closed with 57P01. */
+  shutdown_timeout_secs: secs.default(30),
   log_level: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
   tr_enabled: z.boolean().default(false),
   tr_mode: z.enum(['session', 'transaction']).default('session'),

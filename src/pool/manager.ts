@@ -9,6 +9,9 @@ export class PoolManager {
   readonly shared: PoolGroup;
   private readonly dedicated = new Map<string, PoolGroup>();
   private readonly pools = new Map<string, Pool>();
+  /** Which tenant's settings a pool's limits come from (any tenant of that database for shared pools). */
+  private readonly poolTenants = new Map<string, string>();
+  private readonly lastTenant = new Map<string, Tenant>();
   private readonly timer: NodeJS.Timeout;
 
   constructor(
@@ -38,7 +41,9 @@ export class PoolManager {
         () => this.credentials.backendSecret(role),
       );
       this.pools.set(key, pool);
+      this.poolTenants.set(key, tenant.id);
     }
+    this.lastTenant.set(key, tenant);
     return pool;
   }
 
@@ -84,6 +89,27 @@ export class PoolManager {
 
   all(): Pool[] {
     return [...this.pools.values()];
+  }
+
+  /**
+   * Applies reloaded pool settings: group caps and every pool's limits. Shrinking never drops a busy
+   * connection: surplus idle ones close now, busy ones close when released.
+   */
+  reconfigure(config: Config, tenantById: (id: string) => Tenant | undefined): void {
+    this.config = config;
+    this.shared.max = config.pool.max_connections;
+    for (const [key, pool] of this.pools) {
+      const owner = this.poolTenants.get(key);
+      const tenant = owner === undefined ? undefined : (tenantById(owner) ?? this.lastTenant.get(key));
+      if (tenant === undefined) continue;
+      pool.limits = this.limitsFor(tenant);
+      pool.trimToLimits();
+    }
+    for (const [id, group] of this.dedicated) {
+      const t = tenantById(id);
+      if (t !== undefined) group.max = t.pool.max_connections;
+    }
+    this.shared.pumpAll();
   }
 
   private maintain(): void {

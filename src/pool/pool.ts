@@ -251,12 +251,19 @@ export class Pool {
     if (!this.busy.delete(conn)) return;
     if (tenant !== undefined) tenant.backendsInUse--;
     const expired = Date.now() - conn.createdAt >= this.limits.maxLifetimeMs;
-    if (!reusable || conn.closed || conn.txStatus !== 'I' || expired || this.closed) conn.close();
+    // After a reload shrank the pool or its group, a returning connection above the cap closes.
+    const surplus = this.size >= this.limits.maxSize || this.group.size >= this.group.max;
+    if (!reusable || conn.closed || conn.txStatus !== 'I' || expired || this.closed || surplus) conn.close();
     else {
       conn.lastUsedAt = Date.now();
       this.idle.push(conn);
     }
     this.group.pumpAll();
+  }
+
+  /** Closes idle connections above the (possibly just lowered) caps. */
+  trimToLimits(): void {
+    while (this.idle.length > 0 && (this.size > this.limits.maxSize || this.group.size > this.group.max)) this.closeOneIdle();
   }
 
   closeOneIdle(): boolean {

@@ -41,6 +41,7 @@ import type { PoolManager } from '../pool/manager.js';
 import { AcquireTimeout, type Pool } from '../pool/pool.js';
 import { BackendError, BackendUnavailable, ServerConnection, type ServerRelay } from '../pool/server-connection.js';
 import { IdentifyError, type Identity, type Tenant, type TenantRegistry } from '../tenancy/registry.js';
+import type { ProxyMetrics } from '../admin/metrics.js';
 import type { FactsCache } from '../policy/cache.js';
 import { ParseFailure, type StatementFacts } from '../policy/classify.js';
 import { checkStatement, type Rejection } from '../policy/check.js';
@@ -62,6 +63,7 @@ export interface SessionContext {
   running: Set<ClientSession>;
   /** Statement classifications, shared by all sessions. */
   statements: FactsCache;
+  metrics: ProxyMetrics;
   /** Opens a short-lived connection to send a CancelRequest to a backend. */
   sendCancel(server: ServerConnection): void;
   shuttingDown: boolean;
@@ -109,6 +111,9 @@ export class ClientSession implements ServerRelay {
   private countedClient = false;
   /** identity.tenant, once the login has confirmed it (the relay's hot path reads it per row). */
   private tenant!: Tenant;
+  private latency: { observe(seconds: number): void } | null = null;
+  /** When the request now in flight reached the proxy (performance.now()); measured to its ReadyForQuery. */
+  private requestStartedAt = 0;
   private desired = new Map<string, string>();
   private cancelKey: { pid: number; secret: number } | null = null;
 
@@ -319,6 +324,7 @@ export class ClientSession implements ServerRelay {
     }
     tenant.clients++;
     this.countedClient = true;
+    this.latency = this.ctx.metrics.latencyOf(tenant);
     const server = verified ?? (await this.acquireServer());
     try {
       await this.bringInLine(server);
@@ -573,6 +579,14 @@ export class ClientSession implements ServerRelay {
             this.inHead++;
             continue;
           }
+          if (this.txStatus === 'I' && this.endingReason() !== null) {
+            this.fatal({ code: '57P01', message: this.endingReason()! });
+            return;
+          }
+          if (this.tenant.paused) {
+            this.block(this.tenant.whenResumed());
+            return;
+          }
           // Fast path: an idle backend already in line is attached without leaving this loop.
           const ready = this.pool!.tryTake(this.identity!.tenant);
           if (ready !== null && this.inLine(ready)) {
@@ -590,6 +604,7 @@ export class ClientSession implements ServerRelay {
           return;
         }
         this.inHead++;
+        if (this.expect.length === 0) this.requestStartedAt = performance.now();
         if (this.refusal !== null) this.refuseThroughServer(this.refusal, type);
         else this.forwardClientMessage(buf, start, end, type);
       }
@@ -1295,7 +1310,44 @@ export class ClientSession implements ServerRelay {
     this.txStatus = status;
     this.toClient(buf, start, end);
     this.emitSynthesized();
+    if (this.expect.length === 0) this.latency?.observe((performance.now() - this.requestStartedAt) / 1000);
     if (this.expect.length === 0 && status === 'I' && mode !== 'session' && !this.awaitingSync) this.releaseServer(true);
+    if (this.expect.length === 0 && status === 'I' && !this.awaitingSync) {
+      const reason = this.endingReason();
+      if (reason !== null) {
+        this.flushToClient();
+        this.fatal({ code: '57P01', message: reason });
+      }
+    }
+  }
+
+  /** Why this session must end at its next transaction boundary, or null. */
+  private endingReason(): string | null {
+    if (this.ctx.shuttingDown) return 'terminating connection: the proxy is shutting down';
+    if (this.tenant.removed) return `terminating connection: tenant "${this.tenant.id}" was removed from the configuration`;
+    return this.endRequested;
+  }
+
+  private endRequested: string | null = null;
+
+  /** Ends the session now if it is between transactions, else at its next transaction boundary. */
+  endAtBoundary(reason: string): void {
+    this.endRequested = reason;
+    this.endIfIdle();
+  }
+
+  /**
+   * Shutdown, reload and the admin API end sessions at a transaction boundary: now, when the session is
+   * between transactions with nothing in flight; otherwise at its next ReadyForQuery with status idle.
+   */
+  endIfIdle(): void {
+    if (this.phase !== 'ready') {
+      if (this.phase !== 'closed') this.fatal({ code: '57P01', message: this.endingReason() ?? 'terminating connection' });
+      return;
+    }
+    if (this.expect.length === 0 && this.txStatus === 'I' && !this.awaitingSync && !this.blocked) {
+      this.fatal({ code: '57P01', message: this.endingReason() ?? 'terminating connection' });
+    }
   }
 
   /**

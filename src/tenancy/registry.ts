@@ -42,6 +42,12 @@ export class Tenant {
   clients = 0;
   backendsInUse = 0;
   readonly stats = new TenantStats();
+  /** Per-tenant child of the latency histogram, set by the metrics on first use. */
+  latency: { observe(seconds: number): void } | null = null;
+  /** Removed from the configuration by a reload: new logins refused, sessions end at a transaction boundary. */
+  removed = false;
+  /** Paused by an operator: new transactions wait until resume() (in-flight ones finish). */
+  private pauseWaiters: (() => void)[] | null = null;
 
   readonly strategy: 'schema' | 'database';
   readonly database: string;
@@ -106,6 +112,27 @@ export class Tenant {
     this.countsResults = this.maxResultBytes !== null || this.maxRows !== null;
   }
 
+  get paused(): boolean {
+    return this.pauseWaiters !== null;
+  }
+
+  pause(): void {
+    this.pauseWaiters ??= [];
+  }
+
+  resume(): void {
+    const waiters = this.pauseWaiters;
+    this.pauseWaiters = null;
+    for (const w of waiters ?? []) w();
+  }
+
+  /** Resolves when the tenant is not paused (at once when it is not). */
+  whenResumed(): Promise<void> {
+    const waiters = this.pauseWaiters;
+    if (waiters === null) return Promise.resolve();
+    return new Promise((resolve) => waiters.push(resolve));
+  }
+
   /** Identifies whose session state a backend connection carries; unknown tenants never share with known ones. */
   get ownerKey(): string {
     return this.origin === 'passthrough' ? `\0passthrough:${this.database}` : this.id;
@@ -145,7 +172,7 @@ export class TenantRegistry {
   private readonly ambiguousDatabases = new Set<string>();
   private readonly passthrough = new Map<string, Tenant>();
 
-  constructor(private readonly config: Config['multi_tenancy']) {
+  constructor(private config: Config['multi_tenancy']) {
     for (const t of config.tenants) this.add(Tenant.fromConfig(t));
   }
 
@@ -167,6 +194,53 @@ export class TenantRegistry {
 
   all(): Tenant[] {
     return [...this.byId.values()];
+  }
+
+  /** Configured and auto-created tenants, plus the pseudo-tenants of connections let through unidentified. */
+  allWithPassthrough(): Tenant[] {
+    return [...this.byId.values(), ...this.passthrough.values()];
+  }
+
+  /**
+   * Applies a reloaded [multi_tenancy]: new tenants are added, existing ones reconfigured (limits,
+   * permissions, pool caps), removed ones marked. A tenant whose isolation changed keeps its old one
+   * (it cannot change under open sessions); its key is returned as needing a restart.
+   */
+  reconfigure(next: Config['multi_tenancy']): { added: string[]; removed: string[]; changed: string[]; restartRequired: string[] } {
+    const out = { added: [] as string[], removed: [] as string[], changed: [] as string[], restartRequired: [] as string[] };
+    this.config = next;
+    const seen = new Set<string>();
+    next.tenants.forEach((tc, i) => {
+      seen.add(tc.id);
+      const existing = this.byId.get(tc.id);
+      if (existing === undefined) {
+        this.add(Tenant.fromConfig(tc));
+        out.added.push(tc.id);
+        return;
+      }
+      const probe = Tenant.fromConfig(tc);
+      if (probe.strategy !== existing.strategy || probe.database !== existing.database || probe.schema !== existing.schema) {
+        out.restartRequired.push(`multi_tenancy.tenants[${i}].isolation`);
+      }
+      existing.configure(tc);
+      out.changed.push(tc.id);
+    });
+    for (const t of [...this.byId.values()]) {
+      if (t.origin !== 'configured' || seen.has(t.id)) continue;
+      t.removed = true;
+      this.byId.delete(t.id);
+      out.removed.push(t.id);
+    }
+    if (out.removed.length > 0) this.rebuildDatabaseMap();
+    return out;
+  }
+
+  private rebuildDatabaseMap(): void {
+    this.byDatabase.clear();
+    this.ambiguousDatabases.clear();
+    const tenants = [...this.byId.values()];
+    this.byId.clear();
+    for (const t of tenants) this.add(t);
   }
 
   /** Maps a StartupMessage's user and database to a tenant, backend role and database, or throws IdentifyError. */
