@@ -21,6 +21,8 @@ export interface SettingChange {
   /** New value as a list of items (SET x TO a, b); null for RESET / DEFAULT / a value the proxy cannot read. */
   values: string[] | null;
   via: 'set' | 'reset' | 'set_config';
+  /** SET LOCAL (or set_config(…, true)): ends with the transaction. */
+  local: boolean;
 }
 
 export interface StatementFacts {
@@ -55,6 +57,8 @@ export interface StatementFacts {
   opaqueNames: boolean;
   /** The facts read a literal's value (SET values, regclass literals, function bodies…): cache by exact text only. */
   literalsMatter: boolean;
+  /** Session state that only lives on one backend (LISTEN, temp table, WITH HOLD cursor, session advisory lock, PREPARE). */
+  pins: string | null;
 }
 
 /** Statement kinds that only read or touch session state: never DDL. */
@@ -194,6 +198,7 @@ function emptyFacts(kind: string): StatementFacts {
     dropsPrepared: false,
     opaqueNames: false,
     literalsMatter: kind === 'VariableSetStmt' || kind === 'CreateFunctionStmt' || kind === 'DoStmt' || kind === 'CopyStmt',
+    pins: kind === 'ListenStmt' ? 'LISTEN' : kind === 'PrepareStmt' ? 'PREPARE' : null,
   };
 }
 
@@ -454,10 +459,14 @@ class Walker {
         break;
       case 'DiscardStmt':
         if (n.target === 'DISCARD_ALL') f.dropsPrepared = true;
-        f.settings.push({ name: n.target === 'DISCARD_ALL' ? 'all' : 'discard', values: null, via: 'reset' });
+        f.settings.push({ name: n.target === 'DISCARD_ALL' ? 'all' : 'discard', values: null, via: 'reset', local: false });
         break;
       case 'DeallocateStmt':
         f.dropsPrepared = true;
+        break;
+      case 'DeclareCursorStmt':
+        // CURSOR_OPT_HOLD: the cursor outlives its transaction, so it outlives a transaction-mode checkout.
+        if (typeof n.options === 'number' && (n.options & 0x20) !== 0) f.pins ??= 'WITH HOLD cursor';
         break;
       case 'TransactionStmt':
         for (const o of (n.options as Json[] | undefined) ?? []) {
@@ -476,6 +485,7 @@ class Walker {
   private rangeVar(n: Obj): void {
     const name = str(n.relname);
     if (name === null) return;
+    if (n.relpersistence === 't') this.f.pins ??= 'temporary table';
     const schema = str(n.schemaname);
     const catalog = str(n.catalogname);
     if (catalog !== null) this.f.catalogs.add(catalog);
@@ -490,6 +500,7 @@ class Walker {
     const name = parts[parts.length - 1]!.toLowerCase();
     this.qualified(parts, true);
     const args = (n.args as Json[] | undefined) ?? [];
+    if (/^pg_(try_)?advisory_lock(_shared)?$/.test(name)) this.f.pins ??= 'session advisory lock';
     if (NAME_IN_FIRST_ARG.has(name) || name === 'set_config') this.f.literalsMatter = true;
     if (NAME_IN_FIRST_ARG.has(name)) {
       const text = constString(args[0]);
@@ -499,7 +510,7 @@ class Walker {
     if (name === 'set_config') {
       const setting = constString(args[0]);
       const value = constString(args[1]);
-      this.f.settings.push({ name: setting === null ? '?' : setting.toLowerCase(), values: value === null ? null : splitListText(value), via: 'set_config' });
+      this.f.settings.push({ name: setting === null ? '?' : setting.toLowerCase(), values: value === null ? null : splitListText(value), via: 'set_config', local: constString(args[2]) === 'on' });
     }
   }
 
@@ -532,7 +543,7 @@ class Walker {
     const kind = str(n.kind);
     const name = (str(n.name) ?? '').toLowerCase();
     if (kind === 'VAR_RESET_ALL') {
-      f.settings.push({ name: 'all', values: null, via: 'reset' });
+      f.settings.push({ name: 'all', values: null, via: 'reset', local: false });
       return;
     }
     if (name === 'role' || name === 'session_authorization') {
@@ -548,12 +559,12 @@ class Walker {
       return;
     }
     if (kind === 'VAR_RESET' || kind === 'VAR_SET_DEFAULT') {
-      f.settings.push({ name, values: null, via: 'reset' });
+      f.settings.push({ name, values: null, via: 'reset', local: n.is_local === true });
       return;
     }
     const args = (n.args as Json[] | undefined) ?? [];
     const values = args.map((a) => constString(a) ?? names(((a as Obj)?.ColumnRef as Obj | undefined)?.fields)[0] ?? null);
-    f.settings.push({ name, values: values.some((v) => v === null) ? null : (values as string[]), via: 'set' });
+    f.settings.push({ name, values: values.some((v) => v === null) ? null : (values as string[]), via: 'set', local: n.is_local === true });
   }
 }
 
@@ -581,5 +592,6 @@ function mergeInto(into: StatementFacts, from: StatementFacts): void {
   into.settings.push(...from.settings);
   into.changesRole ||= from.changesRole;
   into.opaqueNames ||= from.opaqueNames;
+  into.pins ??= from.pins;
   into.literalsMatter = true; // a function body is a literal
 }

@@ -84,6 +84,11 @@ let nextSessionId = 1;
 // (costing one extra SET round trip), never miss the plain forms.
 const RESETS_STATE = /\b(discard\s+all|reset\s+("?)(all|search_path|role|session)\2|set\s+(local\s+|session\s+)?("?)(role|session\s+authorization|search_path)\5|set_config)\b|"(search_path|role)"/i;
 const DROPS_STATEMENTS = /\b(discard\s+all|deallocate)\b/i;
+const PINS = /\b(listen|pg_(?:try_)?advisory_lock(?:_shared)?|create\s+(?:local\s+|global\s+)?temp(?:orary)?|with\s+hold|prepare)\b/i;
+/** Settings a client SET may carry from backend to backend (names as the parser gives them). */
+const FOLLOWING_SETTING = /^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)?$/;
+/** Handled elsewhere: the proxy's own (search_path), refused (role), or not a GUC (RESET ALL, DISCARD). */
+const NOT_FOLLOWED = new Set(['search_path', 'role', 'session_authorization', 'all', 'discard', 'transaction_isolation', 'transaction_read_only', 'transaction_deferrable']);
 const RESETS_ALL = /\b(discard\s+all|reset\s+all)\b/i;
 const RESETS_ONE = /\breset\s+([a-z_]+)\b/gi;
 
@@ -148,6 +153,16 @@ export class ClientSession implements ServerRelay {
   private resultTripped = false;
   /** The backend kept going after the proxy turned a statement into an error: drop its output to ReadyForQuery. */
   private droppingUntilReady = false;
+  /**
+   * Why this client keeps its backend between transactions (LISTEN, temp table, WITH HOLD cursor, session
+   * advisory lock, SQL PREPARE): that state lives on one backend, so transaction mode pins the client to it
+   * until it disconnects (then the backend is reset like a session-mode one).
+   */
+  private pinned: string | null = null;
+  private pinAtReady: string | null = null;
+  /** Session-level SETs of the request in flight: they follow the client once the request succeeds. */
+  private pendingSets: { name: string; value: string | null }[] = [];
+  private requestFailed = false;
   /** GUCs as the client was given them at startup (RESET returns to these, as in PostgreSQL). */
   private startupParams = new Map<string, string>();
   /** ParameterStatus values the client has been told, so a re-synced backend's changes reach it too. */
@@ -604,7 +619,10 @@ export class ClientSession implements ServerRelay {
           return;
         }
         this.inHead++;
-        if (this.expect.length === 0) this.requestStartedAt = performance.now();
+        if (this.expect.length === 0) {
+          this.requestStartedAt = performance.now();
+          this.requestFailed = false;
+        }
         if (this.refusal !== null) this.refuseThroughServer(this.refusal, type);
         else this.forwardClientMessage(buf, start, end, type);
       }
@@ -1010,6 +1028,8 @@ export class ClientSession implements ServerRelay {
     const text = buf.toString('latin1', from, end);
     if (RESETS_STATE.test(text)) this.reapplyAtReady = true;
     if (DROPS_STATEMENTS.test(text)) this.dropStatementsAtReady = true;
+    const pin = PINS.exec(text);
+    if (pin !== null) this.pinAtReady ??= pin[1]!.toUpperCase();
     if (RESETS_ALL.test(text)) this.restoreAtReady = 'all';
     else if (this.restoreAtReady !== 'all') {
       for (const m of text.matchAll(RESETS_ONE)) {
@@ -1025,6 +1045,12 @@ export class ClientSession implements ServerRelay {
   /** The same notes as the keyword test, from the classifier's facts. */
   private noteFacts(facts: StatementFacts[]): void {
     for (const f of facts) {
+      if (f.pins !== null) this.pinAtReady ??= f.pins;
+      for (const st of f.settings) {
+        if (st.local || !FOLLOWING_SETTING.test(st.name) || NOT_FOLLOWED.has(st.name)) continue;
+        if (st.via === 'reset') this.pendingSets.push({ name: st.name, value: null });
+        else if (st.values !== null) this.pendingSets.push({ name: st.name, value: st.values.join(', ') });
+      }
       if (f.dropsPrepared) this.dropStatementsAtReady = true;
       for (const st of f.settings) {
         if (st.name === 'search_path' || st.name === 'all' || st.name === 'role' || st.name === 'session_authorization') this.reapplyAtReady = true;
@@ -1236,6 +1262,7 @@ export class ClientSession implements ServerRelay {
     else if (this.cancelReason === 'duration' && decodeErrorFields(buf, start, end).get('C') === '57014') this.toClientOwn(this.limitError('duration'));
     else this.toClient(buf, start, end);
     if (substitute === null) this.tenant.stats.errors++;
+    this.requestFailed = true;
     this.resultTripped = false;
     this.cancelReason = null;
     this.copyIn = false;
@@ -1290,6 +1317,28 @@ export class ClientSession implements ServerRelay {
       this.dropStatementsAtReady = false;
       server.prepared.clear();
     }
+    if (this.pendingSets.length > 0) {
+      // A session-level SET that succeeded follows the client to whichever backend serves it next.
+      if (!this.requestFailed) {
+        for (const { name, value } of this.pendingSets) {
+          if (value === null) {
+            const startup = this.startupParams.get(name);
+            if (startup !== undefined) this.desired.set(name, startup);
+            else this.desired.delete(name);
+            server.applied.delete(name);
+          } else {
+            this.desired.set(name, value);
+            server.applied.set(name, value);
+          }
+        }
+      }
+      this.pendingSets.length = 0;
+    }
+    if (this.pinAtReady !== null) {
+      if (this.pinned === null && mode_(this.ctx) !== 'session') this.log.debug({ reason: this.pinAtReady }, 'client pinned to its backend');
+      this.pinned ??= this.pinAtReady;
+      this.pinAtReady = null;
+    }
     if (this.restoreAtReady !== null) {
       // RESET brings a setting back to what the client gave at startup, as PostgreSQL would.
       const names = this.restoreAtReady === 'all' ? [...this.startupParams.keys()] : [...this.restoreAtReady];
@@ -1311,7 +1360,7 @@ export class ClientSession implements ServerRelay {
     this.toClient(buf, start, end);
     this.emitSynthesized();
     if (this.expect.length === 0) this.latency?.observe((performance.now() - this.requestStartedAt) / 1000);
-    if (this.expect.length === 0 && status === 'I' && mode !== 'session' && !this.awaitingSync) this.releaseServer(true);
+    if (this.expect.length === 0 && status === 'I' && mode !== 'session' && !this.awaitingSync && this.pinned === null) this.releaseServer(true);
     if (this.expect.length === 0 && status === 'I' && !this.awaitingSync) {
       const reason = this.endingReason();
       if (reason !== null) {
@@ -1447,7 +1496,7 @@ export class ClientSession implements ServerRelay {
     }
     const sqls: string[] = [];
     if (server.txStatus !== 'I') sqls.push('ROLLBACK');
-    if (this.ctx.config.pool_mode.mode === 'session' && this.ctx.config.pool_mode.reset_query.trim() !== '') {
+    if ((this.ctx.config.pool_mode.mode === 'session' || this.pinned !== null) && this.ctx.config.pool_mode.reset_query.trim() !== '') {
       sqls.push(this.ctx.config.pool_mode.reset_query);
     }
     if (sqls.length === 0) {
@@ -1472,6 +1521,10 @@ class LoginRefused extends Error {
   constructor(readonly fields: Omit<ErrorFields, 'severity'>) {
     super(fields.message);
   }
+}
+
+function mode_(ctx: SessionContext): Config['pool_mode']['mode'] {
+  return ctx.config.pool_mode.mode;
 }
 
 function closeStatementMessage(name: string): Buffer {
