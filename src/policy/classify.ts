@@ -231,37 +231,44 @@ function constString(node: Json | undefined): string | null {
   return null;
 }
 
+/**
+ * Reads one name item starting at `i`: a double-quoted identifier ("" escapes a quote; case kept) or a
+ * bare run up to `stop` (trimmed, lower-cased), as PostgreSQL's identifier rules have it. Returns null for
+ * an unterminated quote.
+ */
+function readName(s: string, i: number, stop: string): [string, number] | null {
+  if (s[i] !== '"') {
+    let bare = '';
+    while (i < s.length && s[i] !== stop) bare += s[i++];
+    return [bare.trim().toLowerCase(), i];
+  }
+  let quoted = '';
+  i++;
+  for (;;) {
+    if (i >= s.length) return null;
+    if (s[i] === '"') {
+      if (s[i + 1] !== '"') return [quoted, i + 1];
+      quoted += '"';
+      i += 2;
+      continue;
+    }
+    quoted += s[i++];
+  }
+}
+
 /** Splits a qualified name written as text ('acme.orders', '"My Schema".t') the way regclass input does. */
 export function splitQualifiedText(text: string): string[] {
+  const s = text.trim();
   const parts: string[] = [];
   let i = 0;
-  const s = text.trim();
-  while (i <= s.length) {
-    let part = '';
-    if (s[i] === '"') {
-      i++;
-      for (;;) {
-        if (i >= s.length) return [s]; // unterminated: treat as one opaque name
-        if (s[i] === '"') {
-          if (s[i + 1] === '"') {
-            part += '"';
-            i += 2;
-            continue;
-          }
-          i++;
-          break;
-        }
-        part += s[i++];
-      }
-    } else {
-      while (i < s.length && s[i] !== '.') part += s[i++];
-      part = part.trim().toLowerCase();
-    }
-    parts.push(part);
-    if (s[i] !== '.') break;
+  for (;;) {
+    const r = readName(s, i, '.');
+    if (r === null) return [s]; // unterminated: one opaque name, which no allowed schema matches
+    parts.push(r[0]);
+    i = r[1];
+    if (s[i] !== '.') return parts;
     i++;
   }
-  return parts;
 }
 
 /** Splits a GUC list value given as text ('acme, "My Schema"') the way PostgreSQL's list parser does. */
@@ -271,26 +278,13 @@ export function splitListText(text: string): string[] {
   while (i < text.length) {
     while (text[i] === ' ' || text[i] === '\t' || text[i] === ',') i++;
     if (i >= text.length) break;
-    let item = '';
-    if (text[i] === '"') {
-      i++;
-      while (i < text.length) {
-        if (text[i] === '"') {
-          if (text[i + 1] === '"') {
-            item += '"';
-            i += 2;
-            continue;
-          }
-          i++;
-          break;
-        }
-        item += text[i++];
-      }
-    } else {
-      while (i < text.length && text[i] !== ',') item += text[i++];
-      item = item.trim().toLowerCase();
+    const r = readName(text, i, ',');
+    if (r === null) {
+      out.push(text.slice(i + 1));
+      break;
     }
-    out.push(item);
+    out.push(r[0]);
+    i = r[1];
   }
   return out;
 }
