@@ -212,7 +212,7 @@ export class ProxyServer {
     this.ctx.config = c;
     this.loaded = { ...next, config: c };
     this.ctx.pools.reconfigure(c, (id) => this.ctx.tenants.get(id));
-    this.log.level = c.log_level;
+    if (c.log_level !== prev.log_level) this.log.level = c.log_level;
     for (const s of this.ctx.sessions) if (s.identity?.tenant.removed) s.endIfIdle();
     const result: ReloadResult = { ok: true, added: tenants.added, removed: tenants.removed, reconfigured: tenants.changed, restartRequired, notEnforced: next.notEnforced };
     this.log.info(result, 'configuration reloaded');

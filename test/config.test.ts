@@ -58,8 +58,6 @@ const LATER_ISSUE_KEYS = [
   'load_balancer',
   'health',
   'nodes."standby-1" (standby)',
-  'multi_tenancy.tenants.rate_limits',
-  'multi_tenancy.tenants.permissions',
 ];
 
 describe('the reference proxy.toml', () => {

@@ -17,6 +17,13 @@ interface Rates {
   qps: number;
 }
 
+/** Gauges sum per label value: connections let through unidentified are one "(unknown)" pseudo-tenant per database. */
+function sumById(tenants: Tenant[], read: (t: Tenant) => number): Map<string, number> {
+  const out = new Map<string, number>();
+  for (const t of tenants) out.set(t.id, (out.get(t.id) ?? 0) + read(t));
+  return out;
+}
+
 export interface LatencySummary {
   count: number;
   p50_ms: number | null;
@@ -36,7 +43,7 @@ export class ProxyMetrics {
     clientCount: () => number,
   ) {
     const reg = this.registry;
-    collectDefaultMetrics({ register: reg, prefix: 'heliosproxy_process_' });
+    collectDefaultMetrics({ register: reg, prefix: 'heliosproxy_' });
     this.latency = new Histogram({
       name: 'heliosproxy_query_duration_seconds',
       help: 'Time from a request reaching the backend to its ReadyForQuery, per tenant',
@@ -58,7 +65,7 @@ export class ProxyMetrics {
       });
     };
     perTenant('heliosproxy_queries_total', 'Statements forwarded (simple-protocol statements and Executes)', (t) => t.stats.queries);
-    perTenant('heliosproxy_errors_total', 'Errors returned to clients by the backend or for limits', (t) => t.stats.errors);
+    perTenant('heliosproxy_errors_total', 'Errors returned to clients: the backend\'s, and statements the proxy cut short (duration, result limits); refusals are counted in heliosproxy_rejections_total', (t) => t.stats.errors);
     perTenant('heliosproxy_rows_total', 'Result rows returned', (t) => t.stats.rows);
     perTenant('heliosproxy_result_bytes_total', 'Result bytes returned (DataRow and CopyData messages)', (t) => t.stats.bytes);
     const list = this.tenants;
@@ -80,7 +87,7 @@ export class ProxyMetrics {
       registers: [reg],
       collect() {
         this.reset();
-        for (const t of list()) this.set({ tenant: t.id }, rates(t));
+        for (const [tenant, v] of sumById(list(), rates)) this.set({ tenant }, v);
       },
     });
     new Gauge({
@@ -90,7 +97,7 @@ export class ProxyMetrics {
       registers: [reg],
       collect() {
         this.reset();
-        for (const t of list()) if (t.bucket !== null) this.set({ tenant: t.id }, t.bucket.level);
+        for (const [tenant, v] of sumById(list().filter((t) => t.bucket !== null), (t) => t.bucket!.level)) this.set({ tenant }, v);
       },
     });
     new Gauge({
@@ -100,7 +107,7 @@ export class ProxyMetrics {
       registers: [reg],
       collect() {
         this.reset();
-        for (const t of list()) this.set({ tenant: t.id }, t.clients);
+        for (const [tenant, v] of sumById(list(), (t) => t.clients)) this.set({ tenant }, v);
       },
     });
     new Gauge({
@@ -110,7 +117,7 @@ export class ProxyMetrics {
       registers: [reg],
       collect() {
         this.reset();
-        for (const t of list()) this.set({ tenant: t.id }, t.backendsInUse);
+        for (const [tenant, v] of sumById(list(), (t) => t.backendsInUse)) this.set({ tenant }, v);
       },
     });
     const pools = poolManager;

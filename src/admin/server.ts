@@ -65,6 +65,8 @@ export class AdminServer {
     const method = req.method ?? 'GET';
     if (path === '/health') return this.send(res, 200, { status: 'ok', uptime_secs: this.uptime() });
     if (path === '/ready') {
+      // Draining: tell load balancers to stop sending clients before the listener closes.
+      if (this.proxy.ctx.shuttingDown) return this.send(res, 503, { status: 'not ready', error: 'shutting down' });
       const r = await this.ready();
       return this.send(res, r.ok ? 200 : 503, r.ok ? { status: 'ready' } : { status: 'not ready', error: r.error });
     }

@@ -100,9 +100,14 @@ export class PoolManager {
     this.shared.max = config.pool.max_connections;
     for (const [key, pool] of this.pools) {
       const owner = this.poolTenants.get(key);
-      const tenant = owner === undefined ? undefined : (tenantById(owner) ?? this.lastTenant.get(key));
+      const current = owner === undefined ? undefined : tenantById(owner);
+      const tenant = current ?? this.lastTenant.get(key);
       if (tenant === undefined) continue;
       pool.limits = this.limitsFor(tenant);
+      if (current === undefined && tenant.pool.dedicated_pool) {
+        // The tenant was removed: its dedicated pool keeps nothing warm and lets idle connections go.
+        pool.limits = { ...pool.limits, minIdle: 0, idleTimeoutMs: 1 };
+      }
       pool.trimToLimits();
     }
     for (const [id, group] of this.dedicated) {

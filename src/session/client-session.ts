@@ -589,6 +589,11 @@ export class ClientSession implements ServerRelay {
             continue;
           }
         }
+        if (this.tenant.paused && this.expect.length === 0 && this.txStatus === 'I') {
+          // Paused by an operator: nothing new starts (in any pool mode) until resume.
+          this.block(this.tenant.whenResumed());
+          return;
+        }
         if (this.server === null) {
           if (this.answerWithoutServer(type, buf, start, end)) {
             this.inHead++;
@@ -598,10 +603,7 @@ export class ClientSession implements ServerRelay {
             this.fatal({ code: '57P01', message: this.endingReason()! });
             return;
           }
-          if (this.tenant.paused) {
-            this.block(this.tenant.whenResumed());
-            return;
-          }
+
           // Fast path: an idle backend already in line is attached without leaving this loop.
           const ready = this.pool!.tryTake(this.identity!.tenant);
           if (ready !== null && this.inLine(ready)) {
