@@ -78,7 +78,7 @@ export class ServerConnection implements FrameSink {
   derivedKeys: ScramKeys | null = null;
   /** CancelRequests sent for this backend and not yet delivered; it must not serve anyone else meanwhile. */
   cancelsInFlight = 0;
-  private afterCancels: (() => void) | null = null;
+  private afterCancels: (() => void)[] = [];
 
   private readonly framer = new MessageFramer();
   private relay: ServerRelay | null = null;
@@ -177,14 +177,12 @@ export class ServerConnection implements FrameSink {
   /** Runs `fn` once no cancel for this backend is in flight (at once when none is). */
   whenNoCancelPending(fn: () => void): void {
     if (this.cancelsInFlight === 0) fn();
-    else this.afterCancels = fn;
+    else this.afterCancels.push(fn);
   }
 
   cancelDelivered(): void {
     if (--this.cancelsInFlight > 0) return;
-    const fn = this.afterCancels;
-    this.afterCancels = null;
-    fn?.();
+    for (const fn of this.afterCancels.splice(0)) fn();
   }
 
   onClose(listener: (err: Error | null) => void): void {

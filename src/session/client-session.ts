@@ -159,6 +159,8 @@ export class ClientSession implements ServerRelay {
    * until it disconnects (then the backend is reset like a session-mode one).
    */
   private pinned: string | null = null;
+  /** The Query in flight runs inside a BEGIN the proxy sent (see mustWrap). */
+  private wrappedQuery = false;
   private pinAtReady: string | null = null;
   /** Session-level SETs of the request in flight: they follow the client once the request succeeds. */
   private pendingSets: { name: string; value: string | null }[] = [];
@@ -614,6 +616,12 @@ export class ClientSession implements ServerRelay {
             this.block(this.checkoutForRequest(ready));
             return;
           }
+        } else if (this.expect.length === 0 && this.server.cancelsInFlight > 0) {
+          // A cancel the proxy sent is still on its way: it must not land on this client's next statement.
+          const server = this.server;
+          this.flushToServer();
+          this.block(new Promise<void>((resolve) => server.whenNoCancelPending(resolve)));
+          return;
         } else if (this.expect.length === 0 && this.server.txStatus !== 'E' && !this.inLine(this.server)) {
           // Session mode (or between statements of a transaction): a statement dropped the proxy's settings.
           this.flushToServer();
@@ -904,6 +912,13 @@ export class ClientSession implements ServerRelay {
     switch (type) {
       case Msg.Query:
         this.noteStateChanges(buf, start + 5, end);
+        if (this.mustWrap()) {
+          // All or nothing, as PostgreSQL runs it, even when a result limit cuts a statement short after
+          // the backend already ran the others: an explicit transaction the proxy ends itself.
+          this.toServerOwn(query('BEGIN'));
+          this.expect.push(Expect.InternalSilent);
+          this.wrappedQuery = true;
+        }
         this.expect.push(Expect.Sync);
         this.statementStarted();
         break;
@@ -1044,6 +1059,19 @@ export class ClientSession implements ServerRelay {
     }
   }
 
+  /** A multi-statement Query of a tenant with result limits, outside any transaction, with no transaction control inside. */
+  private mustWrap(): boolean {
+    const facts = this.judgedFacts;
+    return (
+      this.tenant.countsResults &&
+      facts !== null &&
+      facts.length > 1 &&
+      this.txStatus === 'I' &&
+      this.expect.length === 0 &&
+      !facts.some((f) => f.kind === 'TransactionStmt')
+    );
+  }
+
   /** The same notes as the keyword test, from the classifier's facts. */
   private noteFacts(facts: StatementFacts[]): void {
     for (const f of facts) {
@@ -1152,6 +1180,13 @@ export class ClientSession implements ServerRelay {
 
   message(buf: Buffer, start: number, end: number): void {
     const type = buf[start]!;
+    if (this.expect.peek() === Expect.InternalSilent) {
+      if (type === Msg.ReadyForQuery) {
+        this.server!.txStatus = String.fromCharCode(buf[start + 5]!) as TxStatus;
+        this.expect.shift();
+      }
+      return;
+    }
     if (this.droppingUntilReady && type !== Msg.ReadyForQuery) {
       if (type === Msg.ParameterStatus) this.server!.noteParameterStatus(buf, start, end);
       return;
@@ -1234,7 +1269,8 @@ export class ClientSession implements ServerRelay {
       // Stop forwarding, stop the backend, and report at the statement's end: memory stays flat.
       this.resultTripped = true;
       this.flushToClient();
-      this.cancelFor('result');
+      // With other requests queued behind it, a cancel could land on one of them: drain instead.
+      if (this.expect.onlyHeadInFlight()) this.cancelFor('result');
       return true;
     }
     return false;
@@ -1250,6 +1286,7 @@ export class ClientSession implements ServerRelay {
     this.resultTripped = false;
     this.cancelReason = null;
     this.tenant.stats.errors++;
+    this.requestFailed = true;
     this.skipUntilSync();
     this.droppingUntilReady = true;
     this.statementDone();
@@ -1311,6 +1348,17 @@ export class ClientSession implements ServerRelay {
     while (this.expect.length > 0 && this.expect.peek() !== Expect.Sync && this.expect.peek() !== Expect.Internal) this.expect.shift();
     this.expect.shift();
     this.statementDone();
+    if (this.wrappedQuery) {
+      // End the proxy's transaction around the client's Query: commit what PostgreSQL would have.
+      this.wrappedQuery = false;
+      if (status !== 'I') {
+        this.flushToClient();
+        server.write(query(this.requestFailed || status === 'E' ? 'ROLLBACK' : 'COMMIT'));
+        this.expect.push(Expect.Internal);
+        this.droppingUntilReady = true;
+        return;
+      }
+    }
     if (this.droppingUntilReady) {
       this.droppingUntilReady = false;
       if (status === 'T' && this.failServerTransaction(server)) return;

@@ -24,6 +24,8 @@ export const enum Expect {
    * already run): its ErrorResponse is dropped, its ReadyForQuery ('E') goes to the client.
    */
   Internal,
+  /** A statement the proxy sent ahead of the client's (BEGIN of a wrapped Query): everything it answers is dropped. */
+  InternalSilent,
 }
 
 /** A FIFO of small ints with a parallel payload slot, reused across requests to avoid per-message objects. */
@@ -73,6 +75,13 @@ export class ExpectQueue {
     this.payloads.length = 0;
     this.substitutes.length = 0;
     this.head = 0;
+  }
+
+  /** Whether nothing but the head request (and the Sync closing it) is in flight. */
+  onlyHeadInFlight(): boolean {
+    const n = this.length;
+    if (n <= 1) return true;
+    return n === 2 && this.kinds[this.head] !== Expect.Sync && this.kinds[this.head + 1] === Expect.Sync;
   }
 
   /** Removes Sync entries behind the head (the backend ignores Sync while in COPY FROM STDIN). */
