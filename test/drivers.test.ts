@@ -2,6 +2,9 @@
 // named prepared statements, pipelining, errors in transactions), postgres.js (its defaults: named
 // statements and pipelining over a pool, sql.begin, multi-statement simple queries, COPY, large results),
 // psql's \copy, NOTICE and LISTEN/NOTIFY passthrough, and the ParameterStatus the proxy keeps in line.
+// Everything runs through the reference configuration with its guardrails enforced, except the relay of
+// what the reference tenants' allowed_operations refuse (COPY, DO, LISTEN/NOTIFY): those tests use a second
+// proxy started with guardrails: false (DO as widgetco: a schema tenant may never run procedural code).
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { Readable } from 'node:stream';
@@ -34,13 +37,15 @@ function sqlState(err: unknown): string | undefined {
 for (const mode of ['session', 'transaction'] as const) {
   describe(`drivers through the proxy (${mode} mode)`, () => {
     let p: TestProxy;
+    /** The same proxy without rate_limits and permissions, for COPY, DO and LISTEN/NOTIFY (schema isolation still holds). */
+    let open: TestProxy;
     const table = `acme.drivers_${mode}`;
     const pgs: pg.Client[] = [];
     const sqls: postgres.Sql[] = [];
 
     /** A node-postgres client through the proxy that gives up rather than hang. */
-    const connect = async (extra: Partial<pg.ClientConfig> = {}): Promise<pg.Client> => {
-      const c = new pg.Client({ ...p.clientConfig(USER, DB), connectionTimeoutMillis: 5000, ...extra });
+    const connect = async (extra: Partial<pg.ClientConfig> = {}, via: TestProxy = p): Promise<pg.Client> => {
+      const c = new pg.Client({ ...via.clientConfig(USER, DB), connectionTimeoutMillis: 5000, ...extra });
       c.on('error', () => {});
       pgs.push(c);
       await c.connect();
@@ -49,8 +54,8 @@ for (const mode of ['session', 'transaction'] as const) {
     const endAll = async (clients: pg.Client[]): Promise<void> => {
       await Promise.all(clients.map((c) => c.end()));
     };
-    const pgjs = (opts: postgres.Options<Record<string, postgres.PostgresType>> = {}): postgres.Sql => {
-      const sql = postgres({ host: '127.0.0.1', port: p.port, user: USER, password: PASSWORD, database: DB, onnotice: () => {}, ...opts });
+    const pgjs = (opts: postgres.Options<Record<string, postgres.PostgresType>> = {}, via: TestProxy = p): postgres.Sql => {
+      const sql = postgres({ host: '127.0.0.1', port: via.port, user: USER, password: PASSWORD, database: DB, onnotice: () => {}, ...opts });
       sqls.push(sql);
       return sql;
     };
@@ -84,6 +89,7 @@ for (const mode of ['session', 'transaction'] as const) {
           for (const t of c.multi_tenancy.tenants) if (t.rate_limits) t.rate_limits.max_rows_per_query = 1_000_000;
         },
       });
+      open = await startProxy({ mode, guardrails: false });
       await direct(`DROP TABLE IF EXISTS ${table}; CREATE TABLE ${table} (id int PRIMARY KEY, name text NOT NULL); ALTER TABLE ${table} OWNER TO appuser`, DB);
     });
     after(async () => {
@@ -94,8 +100,11 @@ for (const mode of ['session', 'transaction'] as const) {
           c.connection.stream.destroy();
         }),
       );
-      for (const pool of p.proxy.ctx.pools.all()) for (const c of [...pool.busy]) c.destroy(null);
-      await p.close();
+      for (const q of [p, open]) {
+        if (q === undefined) continue;
+        for (const pool of q.proxy.ctx.pools.all()) for (const c of [...pool.busy]) c.destroy(null);
+        await q.close();
+      }
       await direct(`DROP TABLE IF EXISTS ${table}`, DB);
     });
 
@@ -285,7 +294,8 @@ for (const mode of ['session', 'transaction'] as const) {
       });
 
       test("psql's \\copy in and out", T, async () => {
-        const args = ['-h', '127.0.0.1', '-p', String(p.port), '-U', USER, '-d', DB, '-X', '-q', '-At', '-v', 'ON_ERROR_STOP=1', '-f', '-'];
+        // COPY is outside acme's allowed_operations: the relay is tested through the proxy without guardrails.
+        const args = ['-h', '127.0.0.1', '-p', String(open.port), '-U', USER, '-d', DB, '-X', '-q', '-At', '-v', 'ON_ERROR_STOP=1', '-f', '-'];
         const lines = Array.from({ length: 20_000 }, (_, i) => `${100 + i}\tpsql-${i}`);
         const load = await runPsql(args, { PGPASSWORD: PASSWORD }, `\\copy ${table} (id, name) FROM STDIN\n${lines.join('\n')}\n\\.\n`);
         assert.equal(load.code, 0, load.stderr);
@@ -363,7 +373,7 @@ for (const mode of ['session', 'transaction'] as const) {
       });
 
       test('COPY FROM STDIN and COPY TO STDOUT through writable and readable streams', T, async () => {
-        const sql = pgjs({ max: 2 });
+        const sql = pgjs({ max: 2 }, open); // COPY is outside acme's allowed_operations
         const lines = Array.from({ length: 2000 }, (_, i) => `${i + 1}\tcopy-${i + 1}-${'x'.repeat(i % 50)}\n`);
         const writable = await sql.unsafe(`COPY ${table} (id, name) FROM STDIN`).writable();
         await pipeline(Readable.from(lines), writable);
@@ -422,7 +432,11 @@ for (const mode of ['session', 'transaction'] as const) {
 
     describe('notices, notifications and ParameterStatus', () => {
       test('RAISE NOTICE reaches node-postgres and postgres.js', T, async () => {
-        const c = await connect();
+        // DO is outside allowed_operations, and for a schema-isolated tenant like acme it is refused whatever
+        // the permissions say (procedural code cannot be checked for schema isolation). widgetco, isolated by
+        // database, may run it once its permissions are off: the relay of NoticeResponse is the same.
+        const widgetco = { user: 'widgetco.appuser', database: 'widgetco_db' };
+        const c = await connect(widgetco, open);
         const notices: string[] = [];
         c.on('notice', (n) => notices.push(n.message ?? ''));
         await c.query("DO $$ BEGIN RAISE NOTICE 'drivers notice %', 42; END $$");
@@ -431,17 +445,18 @@ for (const mode of ['session', 'transaction'] as const) {
         await c.end();
 
         const got: string[] = [];
-        const sql = pgjs({ max: 1, onnotice: (n) => got.push(String(n.message)) });
+        const sql = pgjs({ ...widgetco, max: 1, onnotice: (n) => got.push(String(n.message)) }, open);
         await sql`DO $$ BEGIN RAISE NOTICE 'from postgres.js'; END $$`;
         assert.deepEqual(got, ['from postgres.js']);
       });
 
       test('LISTEN/NOTIFY passes through (session mode)', { ...T, skip: mode !== 'session' && 'LISTEN needs a pinned backend: not offered in transaction mode' }, async () => {
-        const listener = await connect();
+        // LISTEN and NOTIFY are outside acme's allowed_operations: the proxy without guardrails relays them.
+        const listener = await connect({}, open);
         const got: { channel: string; payload: string | undefined }[] = [];
         listener.on('notification', (n) => got.push({ channel: n.channel, payload: n.payload }));
         await listener.query('LISTEN drivers_channel');
-        const notifier = await connect();
+        const notifier = await connect({}, open);
         await notifier.query("NOTIFY drivers_channel, 'hello'");
         await notifier.query("SELECT pg_notify('drivers_channel', 'second')");
         await eventually(() => got.length === 2, 3000, 'two notifications');
@@ -450,7 +465,7 @@ for (const mode of ['session', 'transaction'] as const) {
           { channel: 'drivers_channel', payload: 'second' },
         ]);
         // postgres.js' listen() keeps its own dedicated connection.
-        const sql = pgjs({ max: 2 });
+        const sql = pgjs({ max: 2 }, open);
         const values: string[] = [];
         await sql.listen('drivers_pgjs', (v) => values.push(v));
         await sql.notify('drivers_pgjs', 'via postgres.js');
@@ -508,7 +523,7 @@ for (const mode of ['session', 'transaction'] as const) {
     });
 
     test('no backend stays checked out once clients are idle', { ...T, skip: mode !== 'transaction' && 'session mode pins a backend per client' }, async () => {
-      await eventually(() => checkedOut(p) === 0, 3000, 'every backend to be back in its pool');
+      await eventually(() => checkedOut(p) + checkedOut(open) === 0, 3000, 'every backend to be back in its pool');
     });
   });
 }

@@ -4,8 +4,18 @@
 // cursors, LISTEN, advisory locks, sequence state, search_path) must be gone before the other runs a
 // statement on it. Also: search_path comes back after a client resets it (session and transaction mode),
 // and a session-mode backend is reset before its next client.
+//
+// Since the guardrails are enforced, a schema tenant cannot even try most escapes (SET search_path to another
+// tenant's schema, set_config('search_path', …)): those tests assert the refusal (42501, naming the tenant)
+// and keep their pooling guarantee with an allowed variant. Tests that need LISTEN or read the session-local
+// views only a session can see about itself (pg_settings, pg_prepared_statements, pg_cursors, pg_locks of its
+// own pid, its temp schema) run their proxy with guardrails: false: schema isolation still holds there.
+// State that lives on one backend (temp table, LISTEN, WITH HOLD cursor, session advisory lock, SQL PREPARE)
+// pins its client to the backend in transaction mode: the other tenant waits until that client leaves, and
+// then gets the backend reset.
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
 import pg from 'pg';
 import postgres from 'postgres';
 import type { Config } from '../src/config/schema.js';
@@ -38,10 +48,11 @@ const ACME_ORDERS = ['acme-customer-1', 'acme-customer-2', 'acme-customer-3'];
 const NEWCLIENT_ORDERS = ['newclient-customer-1', 'newclient-customer-2'];
 
 /** The shared pool limited to a single backend, so both tenants are served by the same one. */
-function oneSharedBackend(mode: 'session' | 'transaction'): ProxyOptions {
+function oneSharedBackend(mode: 'session' | 'transaction', guardrails = true): ProxyOptions {
   return {
     toml: withNewclient,
     mode,
+    guardrails,
     admin: true,
     patch: (c: Config) => {
       c.pool.max_connections = 1;
@@ -67,6 +78,14 @@ async function pgError(p: Promise<unknown>): Promise<pg.DatabaseError> {
     throw err;
   }
   assert.fail('expected the statement to fail');
+}
+
+/** The statement is refused by the proxy: 42501, a message naming the tenant (and `what`, when given). */
+async function refused(p: Promise<unknown>, tenant: string, what?: RegExp): Promise<void> {
+  const err = await pgError(p);
+  assert.equal(err.code, '42501', err.message);
+  assert.match(err.message, new RegExp(`tenant "${tenant}"`));
+  if (what !== undefined) assert.match(err.message, what);
 }
 
 async function customers(c: pg.Client): Promise<string[]> {
@@ -135,8 +154,37 @@ describe('session state never crosses tenants (transaction mode, one shared back
   let seq = 0;
   const uniq = (base: string): string => `${base}_${++seq}`;
 
+  /**
+   * Runs `setup` on a new acme client whose session state pins it to the one backend. While it stays,
+   * newclient's next statement waits (the pinned backend is never shared); once it leaves, newclient gets
+   * that very backend, reset. `b` is then on it and the caller checks that nothing of acme's is left.
+   */
+  async function pinnedAcmeThenNewclient(setup: (c: pg.Client) => Promise<void>): Promise<void> {
+    const a2 = await p.connect('acme.appuser', 'shared_db');
+    a2.on('error', () => {});
+    let waiting: Promise<string | null> | undefined;
+    try {
+      await setup(a2);
+      const pid = await one(a2, 'SELECT pg_backend_pid()');
+      let served = false;
+      waiting = one(b, 'SELECT pg_backend_pid()').then((v) => {
+        served = true;
+        return v;
+      });
+      await sleep(300);
+      assert.equal(served, false, 'newclient must wait while the backend is pinned to the acme client');
+      await a2.end();
+      assert.equal(await waiting, pid, 'newclient then gets the backend the acme client left');
+    } finally {
+      await a2.end().catch(() => undefined);
+      await waiting?.catch(() => undefined);
+    }
+  }
+
   before(async () => {
-    p = await startProxy(oneSharedBackend('transaction'));
+    // guardrails: false: LISTEN and the session-local views (pg_settings, pg_prepared_statements, pg_cursors,
+    // pg_locks of the session's own pid, its temp schema) are what these tests look at. Isolation still holds.
+    p = await startProxy(oneSharedBackend('transaction', false));
     a = await p.connect('acme.appuser', 'shared_db');
     b = await p.connect('newclient.appuser', 'shared_db');
     a.on('error', () => {});
@@ -168,16 +216,23 @@ describe('session state never crosses tenants (transaction mode, one shared back
     await a.query("SET work_mem = '7MB'");
     assert.equal(await one(a, 'SHOW work_mem'), '7MB', 'same tenant, same backend: the SET is still there');
     assert.equal(await one(b, 'SHOW work_mem'), defaultWorkMem);
-    // and the other way round
-    await b.query("SET work_mem = '7MB'");
+    // and the other way round: acme keeps its own value (a session-level SET follows its client), never newclient's
+    await b.query("SET work_mem = '9MB'");
+    assert.equal(await one(a, 'SHOW work_mem'), '7MB');
+    assert.equal(await one(b, 'SHOW work_mem'), '9MB');
+    await a.query('RESET work_mem');
+    await b.query('RESET work_mem');
     assert.equal(await one(a, 'SHOW work_mem'), defaultWorkMem);
+    assert.equal(await one(b, 'SHOW work_mem'), defaultWorkMem);
   });
 
   test('a TEMP table of one tenant is invisible to the other', T, async () => {
     const t = uniq('iso_tmp');
-    await a.query(`CREATE TEMP TABLE ${t} (v text)`);
-    await a.query(`INSERT INTO ${t} VALUES ('acme-secret')`);
-    assert.equal(await one(a, `SELECT v FROM pg_temp.${t}`), 'acme-secret');
+    await pinnedAcmeThenNewclient(async (a2) => {
+      await a2.query(`CREATE TEMP TABLE ${t} (v text)`);
+      await a2.query(`INSERT INTO ${t} VALUES ('acme-secret')`);
+      assert.equal(await one(a2, `SELECT v FROM pg_temp.${t}`), 'acme-secret');
+    });
     assert.equal(await one(b, `SELECT to_regclass('pg_temp.${t}')::text`), null);
     const err = await pgError(b.query(`SELECT v FROM pg_temp.${t}`));
     assert.equal(err.code, '42P01');
@@ -204,28 +259,45 @@ describe('session state never crosses tenants (transaction mode, one shared back
 
   test('LISTEN by one tenant: the other is listening on nothing and gets no notification', T, async () => {
     const chan = uniq('iso_chan');
-    await a.query(`LISTEN ${chan}`);
-    assert.equal(await one(a, 'SELECT string_agg(c, \',\') FROM pg_listening_channels() c'), chan);
+    await pinnedAcmeThenNewclient(async (a2) => {
+      await a2.query(`LISTEN ${chan}`);
+      assert.equal(await one(a2, 'SELECT string_agg(c, \',\') FROM pg_listening_channels() c'), chan);
+    });
     const got: string[] = [];
-    b.on('notification', (n) => got.push(n.channel));
-    assert.equal(await one(b, 'SELECT count(*) FROM pg_listening_channels()'), '0');
-    // B holds the backend inside a transaction while a third client notifies: nothing must arrive at B.
-    await b.query('BEGIN');
-    await direct(`NOTIFY ${chan}, 'for acme only'`, 'shared_db');
-    await b.query('SELECT pg_sleep(0.1)');
-    await b.query('COMMIT');
-    assert.deepEqual(got, []);
+    const onNotification = (n: pg.Notification): void => {
+      got.push(n.channel);
+    };
+    b.on('notification', onNotification);
+    try {
+      assert.equal(await one(b, 'SELECT count(*) FROM pg_listening_channels()'), '0');
+      // B holds the backend inside a transaction while a third client notifies: nothing must arrive at B.
+      await b.query('BEGIN');
+      await direct(`NOTIFY ${chan}, 'for acme only'`, 'shared_db');
+      await b.query('SELECT pg_sleep(0.1)');
+      await b.query('COMMIT');
+      assert.deepEqual(got, []);
+    } finally {
+      b.off('notification', onNotification);
+    }
   });
 
   test('a session advisory lock of one tenant is not held in the other\'s session', T, async () => {
     const key = 4242 + seq++;
-    assert.equal(await one(a, `SELECT pg_advisory_lock(${key})`), '');
-    const held = await direct<{ n: string }>(`SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND objid = ${key}`, 'shared_db');
-    assert.equal(held[0]!.n, '1', 'acme holds the lock on the backend');
+    await pinnedAcmeThenNewclient(async (a2) => {
+      assert.equal(await one(a2, `SELECT pg_advisory_lock(${key})`), '');
+      const held = await direct<{ n: string }>(`SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND objid = ${key}`, 'shared_db');
+      assert.equal(held[0]!.n, '1', 'acme holds the lock on the backend');
+    });
     assert.equal(await one(b, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"), '0');
-    // B must be able to take and release the same key itself, and the lock must be gone from the cluster.
-    assert.equal(await one(b, `SELECT pg_try_advisory_lock(${key})`), 'true');
-    assert.equal(await one(b, `SELECT pg_advisory_unlock(${key})`), 'true');
+    // newclient must be able to take and release the same key itself (a client of its own: a session lock
+    // pins it), and the lock must be gone from the cluster.
+    const b2 = await p.connect('newclient.appuser', 'shared_db');
+    try {
+      assert.equal(await one(b2, `SELECT pg_try_advisory_lock(${key})`), 'true');
+      assert.equal(await one(b2, `SELECT pg_advisory_unlock(${key})`), 'true');
+    } finally {
+      await b2.end();
+    }
     const left = await direct<{ n: string }>(`SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND objid = ${key}`, 'shared_db');
     assert.equal(left[0]!.n, '0');
   });
@@ -246,12 +318,15 @@ describe('session state never crosses tenants (transaction mode, one shared back
     await a.query('SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE');
     await a.query('RESET statement_timeout');
     await a.query('RESET TimeZone');
+    await a.query('RESET application_name');
   });
 
   test('a WITH HOLD cursor of one tenant is closed before the other runs', T, async () => {
     const cur = uniq('iso_cur');
-    await a.query(`DECLARE ${cur} CURSOR WITH HOLD FOR SELECT customer FROM orders ORDER BY id`);
-    assert.equal(await one(a, `FETCH 1 FROM ${cur}`), 'acme-customer-1');
+    await pinnedAcmeThenNewclient(async (a2) => {
+      await a2.query(`DECLARE ${cur} CURSOR WITH HOLD FOR SELECT customer FROM orders ORDER BY id`);
+      assert.equal(await one(a2, `FETCH 1 FROM ${cur}`), 'acme-customer-1');
+    });
     assert.equal(await one(b, 'SELECT count(*) FROM pg_cursors'), '0');
     const err = await pgError(b.query(`FETCH 1 FROM ${cur}`));
     assert.equal(err.code, '34000');
@@ -259,8 +334,10 @@ describe('session state never crosses tenants (transaction mode, one shared back
 
   test('a SQL-level PREPARE of one tenant cannot be EXECUTEd by the other (it would read acme.orders)', T, async () => {
     const name = uniq('iso_sqlprep');
-    await a.query(`PREPARE ${name} AS SELECT customer FROM orders ORDER BY id LIMIT 1`);
-    assert.equal(await one(a, `EXECUTE ${name}`), 'acme-customer-1');
+    await pinnedAcmeThenNewclient(async (a2) => {
+      await a2.query(`PREPARE ${name} AS SELECT customer FROM orders ORDER BY id LIMIT 1`);
+      assert.equal(await one(a2, `EXECUTE ${name}`), 'acme-customer-1');
+    });
     const err = await pgError(b.query(`EXECUTE ${name}`));
     assert.equal(err.code, '26000');
   });
@@ -275,10 +352,16 @@ describe('session state never crosses tenants (transaction mode, one shared back
   });
 
   test('SET search_path by one tenant: the other always gets its own', T, async () => {
-    await a.query('SET search_path TO newclient');
+    // Pointing search_path at the other tenant's schema is refused at the proxy, and changes nothing.
+    await refused(a.query('SET search_path TO newclient'), 'acme', /"newclient"/);
+    assert.equal(await one(a, 'SHOW search_path'), 'acme, public');
+    await refused(b.query('SET search_path TO acme'), 'newclient', /"acme"/);
+    assert.equal(await one(b, 'SHOW search_path'), 'newclient, public');
+    // What a tenant may set (its own schemas, public) still never reaches the other on the shared backend.
+    await a.query('SET search_path TO public');
     assert.equal(await one(b, 'SHOW search_path'), 'newclient, public');
     assert.deepEqual(await customers(b), NEWCLIENT_ORDERS);
-    await b.query('SET search_path TO acme');
+    await b.query('SET search_path TO newclient');
     assert.equal(await one(a, 'SHOW search_path'), 'acme, public');
     assert.deepEqual(await customers(a), ACME_ORDERS);
     await a.query('SET search_path TO public');
@@ -286,12 +369,16 @@ describe('session state never crosses tenants (transaction mode, one shared back
     assert.deepEqual(await customers(a), ACME_ORDERS);
   });
 
-  // The proxy re-applies search_path after statements whose text suggests they changed it (a heuristic on the
-  // SQL). Whatever else the tenant set before such a statement must still not reach the other tenant.
-  for (const [label, trigger] of [
-    ['RESET search_path', 'RESET search_path'],
-    ['SET search_path TO newclient', 'SET search_path TO newclient'],
-    ["a query that merely mentions 'role'", 'SELECT 1 AS role'],
+  // The proxy re-applies search_path after statements that change or may change it. Whatever else the tenant
+  // set before such a statement must still not reach the other tenant: state that stays on the backend at the
+  // tenant switch (settings, protocol-level prepared statements, sequence state) set by a client that stays,
+  // and state that pins (temp table, WITH HOLD cursor, SQL PREPARE, LISTEN, advisory lock) set by a client
+  // that then leaves. 'SET search_path TO newclient' is refused now: the refusal must not change that either.
+  for (const [label, trigger, refusedAs] of [
+    ['RESET search_path', 'RESET search_path', null],
+    ['SET search_path TO public', 'SET search_path TO public', null],
+    ['SET search_path TO newclient (refused)', 'SET search_path TO newclient', /"newclient"/],
+    ["a query that merely mentions 'role'", 'SELECT 1 AS role', null],
   ] as const) {
     test(`state set before ${label} still does not reach the other tenant`, T, async () => {
       const t = uniq('iso_tmp');
@@ -301,17 +388,25 @@ describe('session state never crosses tenants (transaction mode, one shared back
       const cur = uniq('iso_cur');
       const sqlPrep = uniq('iso_sqlprep');
       const stmt = `SELECT $1::text || '-${name}' AS v`;
+      const runTrigger = async (c: pg.Client): Promise<void> => {
+        if (refusedAs === null) await c.query(trigger);
+        else await refused(c.query(trigger), 'acme', refusedAs);
+      };
       const baseline = await one(b, SESSION_GUCS);
+      await pinnedAcmeThenNewclient(async (a2) => {
+        await a2.query(`DECLARE ${cur} CURSOR WITH HOLD FOR SELECT 1`);
+        await a2.query(`PREPARE ${sqlPrep} AS SELECT customer FROM orders`);
+        await a2.query(`CREATE TEMP TABLE ${t} (v text)`);
+        await a2.query(`LISTEN ${chan}`);
+        await a2.query(`SELECT pg_advisory_lock(${key})`);
+        await a2.query("SET work_mem = '7MB'");
+        await runTrigger(a2);
+      });
       await a.query("SET work_mem = '7MB'");
       await a.query("SET TimeZone = 'Asia/Tokyo'");
-      await a.query(`DECLARE ${cur} CURSOR WITH HOLD FOR SELECT 1`);
-      await a.query(`PREPARE ${sqlPrep} AS SELECT customer FROM orders`);
       await a.query("SELECT nextval('public.iso_scratch_seq')");
-      await a.query(`CREATE TEMP TABLE ${t} (v text)`);
       await a.query({ name, text: stmt, values: ['acme'] });
-      await a.query(`LISTEN ${chan}`);
-      await a.query(`SELECT pg_advisory_lock(${key})`);
-      await a.query(trigger);
+      await runTrigger(a);
 
       const leaks: string[] = [];
       const workMem = await one(b, 'SHOW work_mem');
@@ -333,6 +428,7 @@ describe('session state never crosses tenants (transaction mode, one shared back
       const sp = await one(b, 'SHOW search_path');
       if (sp !== 'newclient, public') leaks.push(`search_path = ${sp}`);
       assert.deepEqual(leaks, [], `acme's session state reached newclient's checkout after acme ran "${trigger}"`);
+      await a.query('RESET work_mem; RESET TimeZone');
     });
   }
 
@@ -398,7 +494,15 @@ describe('cross-tenant reads through unqualified names', () => {
   test('another acme client on the same backend still reads acme rows after one acme client changed search_path', T, async () => {
     const a2 = await p.connect('acme.appuser', 'shared_db');
     try {
+      // Escapes to the other tenant's schema are refused at the proxy; the session stays on acme, public.
       for (const stmt of ['SET search_path TO newclient', 'SET "search_path" TO newclient', "SELECT set_config('search_path', 'newclient', false)"]) {
+        await refused(a.query(stmt), 'acme', /"newclient"/);
+        assert.equal(await one(a, 'SHOW search_path'), 'acme, public', `${stmt} was refused and changed nothing`);
+        assert.deepEqual(await customers(a2), ACME_ORDERS, `after the other acme client's refused ${stmt}`);
+        assert.equal(await one(a2, 'SHOW search_path'), 'acme, public');
+      }
+      // Changes acme may make (to its own schemas) still never reach another client on the same backend.
+      for (const stmt of ['SET search_path TO public', 'SET "search_path" TO acme', 'SET search_path = pg_temp, public']) {
         await a.query(stmt);
         assert.deepEqual(await customers(a2), ACME_ORDERS, `after the other acme client ran ${stmt}`);
         assert.equal(await one(a2, 'SHOW search_path'), 'acme, public');
@@ -424,18 +528,22 @@ describe('cross-tenant reads through unqualified names', () => {
 for (const mode of ['session', 'transaction'] as const) {
   describe(`search_path returns to the tenant's after the client resets it (${mode} mode)`, () => {
     let p: TestProxy;
+    /** The same, without rate_limits and permissions: set_config() needs allow_system_access, which acme lacks. */
+    let open: TestProxy;
     let a: pg.Client;
     let sa: postgres.Sql;
 
     before(async () => {
       await noAppuserBackends();
       p = await startProxy({ toml: withNewclient, mode });
+      open = await startProxy({ toml: withNewclient, mode, guardrails: false });
       a = await p.connect('acme.appuser', 'shared_db');
       sa = postgres({ host: '127.0.0.1', port: p.port, user: 'acme.appuser', password: 'apppass', database: 'shared_db', max: 1, onnotice: () => {} });
     });
     after(async () => {
       await sa?.end({ timeout: 1 });
       await a?.end().catch(() => undefined);
+      await open?.close();
       await closeProxy(p);
     });
 
@@ -443,7 +551,6 @@ for (const mode of ['session', 'transaction'] as const) {
       'DISCARD ALL',
       'RESET ALL',
       'RESET search_path',
-      "SELECT set_config('search_path', 'public', false)",
       'SET search_path TO DEFAULT',
       'discard all',
       'RESET\n  search_path',
@@ -455,6 +562,26 @@ for (const mode of ['session', 'transaction'] as const) {
         assert.deepEqual(await customers(a), ACME_ORDERS);
       });
     }
+
+    test('after "SELECT set_config(\'search_path\', \'public\', false)" the next statement sees acme, public (refused under acme\'s permissions)', T, async () => {
+      const stmt = "SELECT set_config('search_path', 'public', false)";
+      // The reference config: set_config() is an admin function (allow_system_access = false).
+      await refused(a.query(stmt), 'acme', /set_config/);
+      assert.equal(await one(a, 'SHOW search_path'), 'acme, public');
+      assert.deepEqual(await customers(a), ACME_ORDERS);
+      // Without permissions it runs (public is one of acme's schemas), and the proxy brings acme back.
+      const c = await open.connect('acme.appuser', 'shared_db');
+      try {
+        assert.equal(await one(c, stmt), 'public');
+        assert.equal(await one(c, 'SHOW search_path'), 'acme, public');
+        assert.deepEqual(await customers(c), ACME_ORDERS);
+        // Isolation holds whatever the permissions say: another tenant's schema stays refused.
+        await refused(c.query("SELECT set_config('search_path', 'newclient', false)"), 'acme', /"newclient"/);
+        assert.deepEqual(await customers(c), ACME_ORDERS);
+      } finally {
+        await c.end();
+      }
+    });
 
     for (const stmt of ['RESET ALL', 'RESET search_path']) {
       test(`after ${stmt} (extended protocol, postgres.js) the next statement sees acme, public`, T, async () => {
@@ -472,21 +599,28 @@ describe('session mode: a backend is reset before the next client of the same te
   let p: TestProxy;
   before(async () => {
     await noAppuserBackends();
-    p = await startProxy(oneSharedBackend('session'));
+    // guardrails: false: LISTEN and pg_locks (a system catalog) are part of what is checked.
+    p = await startProxy(oneSharedBackend('session', false));
   });
   after(async () => {
     await closeProxy(p);
   });
 
   test('SET work_mem, TEMP table, LISTEN and advisory lock of client 1 are gone for client 2', T, async () => {
+    // Session mode: a client that is still connected holds the only backend, so a failure here must not
+    // leave c1 behind (the next test would wait acquire_timeout_secs for the backend).
     const c1 = await p.connect('acme.appuser', 'shared_db');
-    const pid1 = await one(c1, 'SELECT pg_backend_pid()');
-    await c1.query("SET work_mem = '7MB'");
-    await c1.query('CREATE TEMP TABLE iso_session_tmp (v int)');
-    await c1.query('LISTEN iso_session_chan');
-    await c1.query('SELECT pg_advisory_lock(777)');
-    assert.equal(await one(c1, 'SHOW work_mem'), '7MB');
-    await c1.end();
+    let pid1: string | null;
+    try {
+      pid1 = await one(c1, 'SELECT pg_backend_pid()');
+      await c1.query("SET work_mem = '7MB'");
+      await c1.query('CREATE TEMP TABLE iso_session_tmp (v int)');
+      await c1.query('LISTEN iso_session_chan');
+      await c1.query('SELECT pg_advisory_lock(777)');
+      assert.equal(await one(c1, 'SHOW work_mem'), '7MB');
+    } finally {
+      await c1.end();
+    }
 
     const c2 = await p.connect('acme.appuser', 'shared_db');
     try {
@@ -504,10 +638,14 @@ describe('session mode: a backend is reset before the next client of the same te
 
   test('the next client of the OTHER tenant gets a reset backend with its own search_path', T, async () => {
     const c1 = await p.connect('acme.appuser', 'shared_db');
-    const pid1 = await one(c1, 'SELECT pg_backend_pid()');
-    await c1.query("SET work_mem = '7MB'");
-    await c1.query('SET search_path TO acme');
-    await c1.end();
+    let pid1: string | null;
+    try {
+      pid1 = await one(c1, 'SELECT pg_backend_pid()');
+      await c1.query("SET work_mem = '7MB'");
+      await c1.query('SET search_path TO acme');
+    } finally {
+      await c1.end();
+    }
     const c2 = await p.connect('newclient.appuser', 'shared_db');
     try {
       assert.equal(await one(c2, 'SELECT pg_backend_pid()'), pid1);

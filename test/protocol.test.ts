@@ -2,6 +2,8 @@
 // CancelRequest routing, Terminate and client disconnects, extended-protocol pipelining, COPY and
 // unsynced extended-protocol work by hand. Every case runs in session and transaction pooling mode; where
 // PostgreSQL's own answer is the spec, the same bytes are first sent to the cluster directly.
+// The proxy runs the reference configuration with its guardrails enforced; the COPY cases (COPY is not in
+// acme's allowed_operations) go through a second proxy started with guardrails: false.
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { connect as netConnect, type Socket } from 'node:net';
@@ -297,12 +299,14 @@ async function closePg(c: pg.Client): Promise<void> {
 for (const mode of ['session', 'transaction'] as const) {
   describe(`raw protocol through the proxy (${mode} mode)`, () => {
     let p: TestProxy;
+    /** The same proxy without rate_limits and permissions, for COPY (schema isolation still holds). */
+    let open: TestProxy;
     const table = `acme.protocol_${mode}`;
     const raws: RawClient[] = [];
     const pgs: pg.Client[] = [];
 
-    const raw = async (): Promise<RawClient> => {
-      const r = await RawClient.connect(p.port);
+    const raw = async (via: TestProxy = p): Promise<RawClient> => {
+      const r = await RawClient.connect(via.port);
       raws.push(r);
       return r;
     };
@@ -321,8 +325,9 @@ for (const mode of ['session', 'transaction'] as const) {
       assert.equal(r.rows[0]!.n, 3);
       await c.end();
     };
-    /** With no client connected, every backend goes back to the pool. */
-    const allReturned = (what = 'every backend to be back in its pool'): Promise<void> => eventually(() => checkedOut(p) === 0, 3000, what);
+    /** With no client connected, every backend goes back to the pool (of both proxies). */
+    const allReturned = (what = 'every backend to be back in its pool'): Promise<void> =>
+      eventually(() => checkedOut(p) + checkedOut(open) === 0, 3000, what);
     const bye = async (r: RawClient): Promise<void> => {
       r.write(TERMINATE);
       await r.waitClosed();
@@ -330,14 +335,18 @@ for (const mode of ['session', 'transaction'] as const) {
 
     before(async () => {
       p = await startProxy({ mode });
+      open = await startProxy({ mode, guardrails: false });
       await direct(`DROP TABLE IF EXISTS ${table}; CREATE TABLE ${table} (id int PRIMARY KEY, note text); ALTER TABLE ${table} OWNER TO appuser`, DB);
     });
     after(async () => {
       for (const r of raws) r.destroy();
       await Promise.all(pgs.map(closePg));
       // A backend wedged by a proxy bug would keep this process alive: drop whatever is still checked out.
-      for (const pool of p.proxy.ctx.pools.all()) for (const c of [...pool.busy]) c.destroy(null);
-      await p.close();
+      for (const q of [p, open]) {
+        if (q === undefined) continue;
+        for (const pool of q.proxy.ctx.pools.all()) for (const c of [...pool.busy]) c.destroy(null);
+        await q.close();
+      }
       await direct(`DROP TABLE IF EXISTS ${table}`, DB);
     });
 
@@ -644,8 +653,25 @@ for (const mode of ['session', 'transaction'] as const) {
       await bye(r);
     });
 
-    test('COPY FROM STDIN ended by CopyFail: 57014, and the connection carries on', T, async () => {
+    test('COPY refused by acme\'s permissions: 42501 instead of CopyInResponse (simple and extended), the connection carries on', T, async () => {
       const r = await raw();
+      await r.login();
+      const simple = await r.simple(`COPY ${table} (id, note) FROM STDIN`);
+      assert.equal(types(simple), 'EZ');
+      assert.equal(errorOf(simple[0]!).get('C'), '42501');
+      assert.match(errorOf(simple[0]!).get('M') ?? '', /tenant "acme".*COPY/);
+      // Extended: refused at Parse; Bind and Execute are skipped up to the Sync, as PostgreSQL does after an error.
+      r.write(Buffer.concat([parse('', `COPY ${table} (id, note) FROM STDIN`), bindText('', '', []), execute(''), SYNC]));
+      const extended = await r.readUntil('Z');
+      assert.equal(types(extended), 'EZ');
+      assert.equal(errorOf(extended[0]!).get('C'), '42501');
+      assert.deepEqual(dataRows(await r.simple(`SELECT count(*) FROM ${table}`)), [['0']]);
+      await bye(r);
+      await allReturned();
+    });
+
+    test('COPY FROM STDIN ended by CopyFail: 57014, and the connection carries on', T, async () => {
+      const r = await raw(open); // COPY is outside acme's allowed_operations
       await r.login();
       r.write(query(`COPY ${table} (id, note) FROM STDIN`));
       assert.equal((await r.readMessage()).type, 'G');
@@ -676,7 +702,7 @@ for (const mode of ['session', 'transaction'] as const) {
       await bye(reference);
 
       await allReturned('the backends of earlier tests to come back');
-      const r = await raw();
+      const r = await raw(open); // COPY is outside acme's allowed_operations
       try {
         await r.login();
         assert.equal(await copyBatch(r, 31), expected);

@@ -51,7 +51,7 @@ export interface StatementFacts {
   changesRole: boolean;
   /** BEGIN READ WRITE / SET TRANSACTION READ WRITE. */
   readWriteTransaction: boolean;
-  /** DISCARD ALL / DEALLOCATE: the backend's prepared statements are gone afterwards. */
+  /** DISCARD ALL / DEALLOCATE ALL: the backend's prepared statements are gone afterwards. */
   dropsPrepared: boolean;
   /** A name whose schema the proxy could not see (nextval(some_expression), regclass from a non-literal). */
   opaqueNames: boolean;
@@ -456,7 +456,8 @@ class Walker {
         f.settings.push({ name: n.target === 'DISCARD_ALL' ? 'all' : 'discard', values: null, via: 'reset', local: false });
         break;
       case 'DeallocateStmt':
-        f.dropsPrepared = true;
+        // DEALLOCATE name drops one statement; only DEALLOCATE ALL empties the backend.
+        if (n.isall === true) f.dropsPrepared = true;
         break;
       case 'DeclareCursorStmt':
         // CURSOR_OPT_HOLD: the cursor outlives its transaction, so it outlives a transaction-mode checkout.

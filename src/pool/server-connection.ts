@@ -71,6 +71,11 @@ export class ServerConnection implements FrameSink {
   readonly applied = new Map<string, string>();
   /** Proxy-named prepared statements present on this connection, least recently used first. */
   readonly prepared = new Map<string, true>();
+  /**
+   * A prepared statement here went stale (0A000: a table it reads changed shape). The connection is
+   * re-synced with DEALLOCATE ALL before its next request, so every statement is prepared afresh.
+   */
+  staleStatements = false;
   readonly createdAt = Date.now();
   lastUsedAt = Date.now();
   closed = false;

@@ -83,7 +83,10 @@ let nextSessionId = 1;
 // A heuristic on raw text until statements are classified by PostgreSQL's parser: it may fire on a comment
 // (costing one extra SET round trip), never miss the plain forms.
 const RESETS_STATE = /\b(discard\s+all|reset\s+("?)(all|search_path|role|session)\2|set\s+(local\s+|session\s+)?("?)(role|session\s+authorization|search_path)\5|set_config)\b|"(search_path|role)"/i;
-const DROPS_STATEMENTS = /\b(discard\s+all|deallocate)\b/i;
+const CHANGES_SCHEMA = /\b(alter|drop|create|truncate)\s/i;
+const DROPS_STATEMENTS = /\b(discard\s+all|deallocate\s+(prepare\s+)?all)\b/i;
+/** A whole statement that is `DEALLOCATE [PREPARE] name` (the name as written: quoted or not). */
+const DEALLOCATE_ONE = /^\s*deallocate\s+(?:prepare\s+)?(?:"((?:[^"]|"")+)"|([A-Za-z_][A-Za-z0-9_$]*))\s*;?\s*$/i;
 const PINS = /\b(listen|pg_(?:try_)?advisory_lock(?:_shared)?|create\s+(?:local\s+|global\s+)?temp(?:orary)?|with\s+hold|prepare)\b/i;
 /** Settings a client SET may carry from backend to backend (names as the parser gives them). */
 const FOLLOWING_SETTING = /^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)?$/;
@@ -130,6 +133,8 @@ export class ClientSession implements ServerRelay {
   /** Set by a statement that may have dropped the proxy's SETs; checked when the next request starts. */
   private reapply = false;
   private dropStatementsAtReady = false;
+  /** The request ran DDL: prepared statements on the tenant's backends may now have stale result shapes. */
+  private ddlAtReady = false;
   private reapplyAtReady = false;
   /** Startup settings RESET/DISCARD ALL brought back to the server default: restored at ReadyForQuery. */
   private restoreAtReady: Set<string> | 'all' | null = null;
@@ -498,7 +503,7 @@ export class ClientSession implements ServerRelay {
   /** Whether a backend already carries exactly this client's tenant and settings (the common case). */
   private inLine(server: ServerConnection): boolean {
     const tenant = this.identity!.tenant;
-    if (this.reapply || server.owner !== tenant.ownerKey) return false;
+    if (this.reapply || server.owner !== tenant.ownerKey || server.staleStatements) return false;
     if (tenant.searchPath !== null && server.applied.get('search_path') !== tenant.searchPath) return false;
     let matched = tenant.searchPath === null ? 0 : 1;
     for (const [k, v] of this.desired) {
@@ -518,6 +523,11 @@ export class ClientSession implements ServerRelay {
       sqls.push(this.ctx.config.pool_mode.reset_query.trim() || 'DISCARD ALL');
       server.applied.clear();
       server.prepared.clear();
+      server.staleStatements = false;
+    } else if (server.staleStatements) {
+      sqls.push('DEALLOCATE ALL');
+      server.prepared.clear();
+      server.staleStatements = false;
     }
     const sets: string[] = [];
     if (tenant.searchPath !== null && server.applied.get('search_path') !== tenant.searchPath) {
@@ -911,6 +921,7 @@ export class ClientSession implements ServerRelay {
   private forwardClientMessage(buf: Buffer, start: number, end: number, type: number): void {
     switch (type) {
       case Msg.Query:
+        if (this.tracking && this.forwardDeallocate(buf, start + 5, end - 1, null)) return;
         this.noteStateChanges(buf, start + 5, end);
         if (this.mustWrap()) {
           // All or nothing, as PostgreSQL runs it, even when a result limit cuts a statement short after
@@ -941,6 +952,7 @@ export class ClientSession implements ServerRelay {
         break;
       case Msg.Parse:
         this.awaitingSync = true;
+        if (this.tracking && this.forwardDeallocateParse(buf, start, end)) return;
         if (this.tracking && this.trackParse(buf, start, end)) return;
         this.noteStateChanges(buf, start + 5, end);
         this.expect.push(Expect.Parse);
@@ -976,12 +988,54 @@ export class ClientSession implements ServerRelay {
     this.toServer(buf, start, end);
   }
 
+  /**
+   * SQL-level `DEALLOCATE name` of a statement the client prepared through the protocol: in track mode the
+   * backend knows it under the proxy's name, so the statement is made sure to exist here and the text is
+   * rewritten to that name (the client gets PostgreSQL's own answer). Returns false when not applicable.
+   */
+  private forwardDeallocate(buf: Buffer, from: number, to: number, parseName: string | null): boolean {
+    if (to - from > 200) return false;
+    const m = DEALLOCATE_ONE.exec(buf.toString('utf8', from, to));
+    if (m === null) return false;
+    const name = m[1] !== undefined ? m[1].replace(/""/g, '"') : m[2]!.toLowerCase();
+    const tracked = this.statements.get(name);
+    if (tracked === undefined) return false;
+    const server = this.server!;
+    if (!server.prepared.has(tracked.serverName)) this.prepareOnServer(server, tracked, Expect.DropParse);
+    this.statements.delete(name);
+    server.prepared.delete(tracked.serverName);
+    const sql = `DEALLOCATE ${tracked.serverName}`;
+    if (parseName === null) {
+      this.toServerOwn(query(sql));
+      this.expect.push(Expect.Sync);
+      this.statementStarted();
+    } else {
+      this.toServerOwn(parse(parseName, sql));
+      this.expect.push(Expect.Parse);
+    }
+    return true;
+  }
+
+  /** The same for an extended-protocol Parse whose text is `DEALLOCATE name` (psycopg sends it so). */
+  private forwardDeallocateParse(buf: Buffer, start: number, end: number): boolean {
+    const span = parseNameSpan(buf, start, end);
+    if (span === null) return false;
+    const queryEnd = buf.indexOf(0, span[1] + 1);
+    if (queryEnd < 0 || queryEnd >= end) return false;
+    const parseName = buf.toString('utf8', span[0], span[1]);
+    if (parseName !== '') return false; // a named Parse of DEALLOCATE: leave it to the server
+    return this.forwardDeallocate(buf, span[1] + 1, queryEnd, parseName);
+  }
+
   /** A named Parse: answer it locally when this backend already has the statement, else send it renamed. */
   private trackParse(buf: Buffer, start: number, end: number): boolean {
     const span = parseNameSpan(buf, start, end);
     if (span === null || span[1] === span[0]) return false; // unnamed: per-connection by nature
     const name = buf.toString('utf8', span[0], span[1]);
-    const serverName = serverStatementName(this.identity!.tenant.ownerKey, buf, span[1] + 1, end);
+    // The DDL epoch is part of the name: a Parse after the tenant changed its schema gets a fresh backend
+    // statement (as a fresh PostgreSQL prepare would), while statements prepared before keep PostgreSQL's
+    // own behaviour (0A000 "cached plan must not change result type", which drivers recover from).
+    const serverName = serverStatementName(`${this.tenant.ownerKey}\0${this.tenant.ddlEpoch}`, buf, span[1] + 1, end);
     const max = this.ctx.config.pool_mode.max_prepared_statements;
     if (!this.statements.has(name) && this.statements.size >= max) {
       this.fatal({ code: '53400', message: `too many prepared statements: max_prepared_statements is ${max}` });
@@ -1045,6 +1099,7 @@ export class ClientSession implements ServerRelay {
     const text = buf.toString('latin1', from, end);
     if (RESETS_STATE.test(text)) this.reapplyAtReady = true;
     if (DROPS_STATEMENTS.test(text)) this.dropStatementsAtReady = true;
+    if (CHANGES_SCHEMA.test(text)) this.ddlAtReady = true;
     const pin = PINS.exec(text);
     if (pin !== null) this.pinAtReady ??= pin[1]!.toUpperCase();
     if (RESETS_ALL.test(text)) this.restoreAtReady = 'all';
@@ -1082,6 +1137,7 @@ export class ClientSession implements ServerRelay {
         else if (st.values !== null) this.pendingSets.push({ name: st.name, value: st.values.join(', ') });
       }
       if (f.dropsPrepared) this.dropStatementsAtReady = true;
+      if (f.ddl) this.ddlAtReady = true;
       for (const st of f.settings) {
         if (st.name === 'search_path' || st.name === 'all' || st.name === 'role' || st.name === 'session_authorization') this.reapplyAtReady = true;
         if (st.via !== 'reset') continue;
@@ -1156,7 +1212,7 @@ export class ClientSession implements ServerRelay {
   }
 
   private writeClient(data: Buffer): void {
-    if (this.socket.destroyed) return;
+    if (this.socket.destroyed || this.socket.writableEnded) return;
     const server = this.server;
     if (!this.socket.write(data) && server !== null && !server.socket.isPaused()) {
       // Backpressure: a slow client holds its backend's results in the kernel, not in our memory.
@@ -1302,6 +1358,10 @@ export class ClientSession implements ServerRelay {
     else this.toClient(buf, start, end);
     if (substitute === null) this.tenant.stats.errors++;
     this.requestFailed = true;
+    // "cached plan must not change result type": the proxy-named statement on this backend is stale.
+    if (this.tracking && this.server !== null && this.server.prepared.size > 0 && decodeErrorFields(buf, start, end).get('C') === '0A000') {
+      this.server.staleStatements = true;
+    }
     this.resultTripped = false;
     this.cancelReason = null;
     this.copyIn = false;
@@ -1365,8 +1425,13 @@ export class ClientSession implements ServerRelay {
     }
     if (this.dropStatementsAtReady) {
       this.dropStatementsAtReady = false;
-      server.prepared.clear();
+      if (!this.requestFailed) server.prepared.clear();
     }
+    if (this.ddlAtReady) {
+      this.ddlAtReady = false;
+      if (!this.requestFailed) this.tenant.ddlEpoch++;
+    }
+
     if (this.pendingSets.length > 0) {
       // A session-level SET that succeeded follows the client to whichever backend serves it next.
       if (!this.requestFailed) {
@@ -1385,8 +1450,11 @@ export class ClientSession implements ServerRelay {
       this.pendingSets.length = 0;
     }
     if (this.pinAtReady !== null) {
-      if (this.pinned === null && mode_(this.ctx) !== 'session') this.log.debug({ reason: this.pinAtReady }, 'client pinned to its backend');
-      this.pinned ??= this.pinAtReady;
+      // Only state that was really created pins (a refused or failed statement created none).
+      if (!this.requestFailed) {
+        if (this.pinned === null && mode_(this.ctx) !== 'session') this.log.debug({ reason: this.pinAtReady }, 'client pinned to its backend');
+        this.pinned ??= this.pinAtReady;
+      }
       this.pinAtReady = null;
     }
     if (this.restoreAtReady !== null) {
@@ -1534,6 +1602,8 @@ export class ClientSession implements ServerRelay {
     if (server === null) return;
     this.server = null;
     server.detach();
+    // Paused for this client's backpressure: the proxy must still read its answers (ROLLBACK, reset).
+    if (server.socket.isPaused()) server.socket.resume();
     const pool = this.pool!;
     const tenant = this.identity!.tenant;
     if (this.expect.length > 0 || this.awaitingSync || this.copyIn) {

@@ -44,6 +44,11 @@ export class Tenant {
   readonly stats = new TenantStats();
   /** Per-tenant child of the latency histogram, set by the metrics on first use. */
   latency: { observe(seconds: number): void } | null = null;
+  /**
+   * Bumped by every successful DDL of the tenant. Part of the backend name of prepared statements, so a
+   * Parse after a schema change never reuses a statement prepared before it.
+   */
+  ddlEpoch = 0;
   /** Removed from the configuration by a reload: new logins refused, sessions end at a transaction boundary. */
   removed = false;
   /** Paused by an operator: new transactions wait until resume() (in-flight ones finish). */
