@@ -1,6 +1,6 @@
 // bench/run.ts — `npm run bench`: pgbench -S against PostgreSQL directly, PgBouncer and heliosproxy
 // (transaction and session pooling) on one throwaway cluster, printed side by side and saved to .bench/.
-// Env: BENCH_TARGETS (direct,pgbouncer,proxy-tx,proxy-session | proxy), BENCH_MODES (simple,extended,prepared),
+// Env: BENCH_TARGETS (direct,pgbouncer,proxy-tx,proxy-tx-bare,proxy-session | proxy); proxy-tx-bare has no rate_limits/permissions, BENCH_MODES (simple,extended,prepared),
 // BENCH_CLIENTS (1,20,100), BENCH_SECONDS (10), BENCH_REFERENCE_LIMITS=1 (keep acme's 1000 qps / 50 conn
 // limits from the reference config), BENCH_VERBOSE=1 (PostgreSQL log lines).
 import { execFileSync } from 'node:child_process';
@@ -21,7 +21,7 @@ const PASSWORD = 'apppass';
 
 // ── settings ───────────────────────────────────────────────────────────────────────────────────
 const MODES: readonly Mode[] = ['simple', 'extended', 'prepared'];
-const ALIASES: Record<string, TargetId[]> = { proxy: ['proxy-tx', 'proxy-session'], 'proxy-transaction': ['proxy-tx'] };
+const ALIASES: Record<string, TargetId[]> = { proxy: ['proxy-tx', 'proxy-tx-bare', 'proxy-session'], 'proxy-transaction': ['proxy-tx'] };
 
 function fail(msg: string): never { throw new Error(msg); }
 function list(name: string, fallback: string): string[] {
@@ -135,7 +135,7 @@ async function main(): Promise<void> {
         bouncerVersion = pgbouncerVersion(bin);
         targets.push(pgbouncerTarget(bin, pg.port));
       }
-    } else targets.push(proxyTarget(repoRoot, pg.port, id === 'proxy-session', referenceLimits));
+    } else targets.push(proxyTarget(repoRoot, pg.port, id === 'proxy-session', referenceLimits, id === 'proxy-tx-bare'));
   }
   if (!referenceLimits && proxies.length > 0) {
     console.log('proxy config: acme qps_limit 1000→1000000, max_connections 50→100 (BENCH_REFERENCE_LIMITS=1 keeps the reference limits)');

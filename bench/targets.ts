@@ -6,8 +6,8 @@ import { delimiter, join } from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { freePort, Service } from './proc.js';
 
-export type TargetId = 'direct' | 'pgbouncer' | 'proxy-tx' | 'proxy-session';
-export const TARGET_IDS: readonly TargetId[] = ['direct', 'pgbouncer', 'proxy-tx', 'proxy-session'];
+export type TargetId = 'direct' | 'pgbouncer' | 'proxy-tx' | 'proxy-tx-bare' | 'proxy-session';
+export const TARGET_IDS: readonly TargetId[] = ['direct', 'pgbouncer', 'proxy-tx', 'proxy-tx-bare', 'proxy-session'];
 
 /** A started target: where pgbench connects, and how to take it down again. */
 export interface Running {
@@ -88,7 +88,7 @@ export const REFERENCE_CONFIG = '../shared/reference/proxy.toml';
  * primary, optionally session pooling. Unless `referenceLimits`, the acme tenant's qps/connection
  * limits (1000 qps, 50 connections) are raised so the run measures forwarding, not rate limiting.
  */
-export function proxyConfig(repoRoot: string, o: { listen: number; admin: number; pgPort: number; session: boolean; referenceLimits: boolean }): string {
+export function proxyConfig(repoRoot: string, o: { listen: number; admin: number; pgPort: number; session: boolean; referenceLimits: boolean; bare?: boolean }): string {
   const file = join(repoRoot, REFERENCE_CONFIG);
   if (!existsSync(file)) throw new Error(`reference config ${file} is missing (expected at ${REFERENCE_CONFIG} relative to the repo root)`);
   let text = readFileSync(file, 'utf8');
@@ -102,6 +102,12 @@ export function proxyConfig(repoRoot: string, o: { listen: number; admin: number
   set(/^(admin_address\s*=\s*)"0\.0\.0\.0:9090"/m, `"127.0.0.1:${o.admin}"`, 'admin_address');
   set(/^(port\s*=\s*)5432\b/m, String(o.pgPort), 'the primary node port');
   if (o.session) set(/^(mode\s*=\s*)"transaction"/m, '"session"', '[pool_mode] mode');
+  if (o.bare) {
+    // The same tenants without rate_limits and permissions: what the guardrails cost (isolation stays).
+    const next = text.replace(/^\[multi_tenancy\.tenants\.(rate_limits|permissions)\]\n(?:(?!\[).*(?:\n|$))*/gm, '');
+    if (next === text) throw new Error(`cannot strip guardrails from ${file}`);
+    text = next;
+  }
   if (!o.referenceLimits) {
     set(/^(qps_limit\s*=\s*)1000\b/m, '1000000', 'acme qps_limit', false);
     set(/^(max_connections\s*=\s*)50\b/gm, '100', 'acme max_connections', false);
@@ -109,8 +115,8 @@ export function proxyConfig(repoRoot: string, o: { listen: number; admin: number
   return text;
 }
 
-export function proxyTarget(repoRoot: string, pgPort: number, session: boolean, referenceLimits: boolean): Target {
-  const id: TargetId = session ? 'proxy-session' : 'proxy-tx';
+export function proxyTarget(repoRoot: string, pgPort: number, session: boolean, referenceLimits: boolean, bare = false): Target {
+  const id: TargetId = session ? 'proxy-session' : bare ? 'proxy-tx-bare' : 'proxy-tx';
   return {
     id,
     user: 'acme.appuser',
@@ -119,7 +125,7 @@ export function proxyTarget(repoRoot: string, pgPort: number, session: boolean, 
       const [listen, admin] = [await freePort(), await freePort()];
       const config = join(tmp.dir, 'proxy.toml');
       try {
-        writeFileSync(config, proxyConfig(repoRoot, { listen, admin, pgPort, session, referenceLimits }));
+        writeFileSync(config, proxyConfig(repoRoot, { listen, admin, pgPort, session, referenceLimits, bare }));
       } catch (e) { tmp.remove(); throw e; }
       const svc = new Service(id, process.execPath, [join(repoRoot, 'bin', 'heliosproxy.js'), '--config', config], { cwd: repoRoot });
       const stop = async (): Promise<void> => { await svc.stop('SIGTERM'); tmp.remove(); };
