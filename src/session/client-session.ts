@@ -103,7 +103,6 @@ type Phase = 'startup' | 'auth' | 'ready' | 'closed';
 
 export class ClientSession implements ServerRelay {
   readonly id = nextSessionId++;
-  readonly connectedAt = Date.now();
   private phase: Phase = 'startup';
   private log: Logger;
 
@@ -227,18 +226,6 @@ export class ClientSession implements ServerRelay {
       if (this.phase !== 'ready') this.fatal({ code: '08P01', message: 'login timed out' });
     }, LOGIN_TIMEOUT_MS);
     this.loginTimer.unref();
-  }
-
-  get tenantId(): string | null {
-    return this.identity?.tenant.id ?? null;
-  }
-
-  get transactionStatus(): TxStatus {
-    return this.txStatus;
-  }
-
-  get hasServer(): boolean {
-    return this.server !== null;
   }
 
   // ── bytes from the client ──────────────────────────────────────────────────────────

@@ -3,7 +3,6 @@
 // proxy names derived from (tenant, SQL, parameter types), so any backend that already prepared the same
 // statement for the same tenant can serve it, and one that has not gets a Parse injected first.
 import { createHash } from 'node:crypto';
-import { Msg } from '../protocol/messages.js';
 
 export interface TrackedStatement {
   /** Name on the backend. */
@@ -58,4 +57,3 @@ export function isStatementTarget(buf: Buffer, start: number): boolean {
   return buf[start + 5] === 0x53; // 'S'
 }
 
-export const PARSE = Msg.Parse;
