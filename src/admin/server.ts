@@ -176,7 +176,7 @@ export class AdminServer {
       bytes: t.stats.bytes,
       qps: this.proxy.ctx.metrics.rateOf(t),
       bucket_level: t.bucket === null ? null : Math.floor(t.bucket.level),
-      latency: await this.proxy.ctx.metrics.latencySummary(t.id),
+      latency: this.proxy.ctx.metrics.latencySummary(t.id),
       clients: t.clients,
       backends_in_use: t.backendsInUse,
       pool: this.poolsOf(t),
@@ -200,7 +200,7 @@ export class AdminServer {
       rows: sum((t) => t.stats.rows),
       bytes: sum((t) => t.stats.bytes),
       qps: Math.round(tenants.reduce((n, t) => n + this.proxy.ctx.metrics.rateOf(t), 0) * 10) / 10,
-      latency: await this.proxy.ctx.metrics.latencySummary(null),
+      latency: this.proxy.ctx.metrics.latencySummary(null),
       backends: {
         active: pools.reduce((n, p) => n + p.active, 0),
         idle: pools.reduce((n, p) => n + p.idle, 0),
@@ -213,8 +213,8 @@ export class AdminServer {
 
   /** Prometheus text exposition (0.0.4), which Prometheus also accepts when it asks for OpenMetrics. */
   private async prometheus(res: ServerResponse): Promise<void> {
-    const reg = this.proxy.ctx.metrics.registry;
-    this.sendText(res, 200, reg.contentType, await reg.metrics());
+    const metrics = this.proxy.ctx.metrics;
+    this.sendText(res, 200, metrics.registry.contentType, await metrics.prometheusText());
   }
 
   /** Readiness: the primary accepts TCP connections (checked at most once a second). */

@@ -1,6 +1,7 @@
 // tenancy/ owns who a connection belongs to: turning a StartupMessage's user and database into a Tenant,
 // a backend role and a backend database, and the runtime Tenant objects (settings plus live counters).
 import type { Config, IsolationConfig, TenantConfig, TenantDefaults, TenantPoolConfig } from '../config/schema.js';
+import type { LatencyHistogram } from '../admin/metrics.js';
 import type { TenantRules } from '../policy/check.js';
 import { TokenBucket } from '../policy/rate.js';
 import { quoteIdent } from '../protocol/messages.js';
@@ -42,8 +43,8 @@ export class Tenant {
   clients = 0;
   backendsInUse = 0;
   readonly stats = new TenantStats();
-  /** Per-tenant child of the latency histogram, set by the metrics on first use. */
-  latency: { observe(seconds: number): void } | null = null;
+  /** Request latency histogram, created by the metrics on first use. */
+  latency: LatencyHistogram | null = null;
   /**
    * Bumped by every successful DDL of the tenant. Part of the backend name of prepared statements, so a
    * Parse after a schema change never reuses a statement prepared before it.
