@@ -4,7 +4,7 @@
 // The CLI tests run bin/heliosproxy.js, which needs dist/ (`npm run build`; `npm test` builds it).
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
@@ -13,11 +13,10 @@ import pg from 'pg';
 import { loadConfigFile, primaryNode } from '../src/config/load.js';
 import { ProxyServer, silentLogger } from '../src/server.js';
 import { freePort, runPsql, testPg } from './helpers/pg.js';
-import { direct, eventually, REFERENCE_TOML, startProxy, type TestProxy } from './helpers/proxy.js';
+import { direct, eventually, newclientTenantToml, REFERENCE_TOML, startProxy, type TestProxy } from './helpers/proxy.js';
 
 const root = dirname(dirname(fileURLToPath(import.meta.url)));
 const BIN = join(root, 'bin', 'heliosproxy.js');
-const SEED_DOC = join(root, '..', 'shared', 'seed', 'multi-tenant-routing.md');
 const T = { timeout: 20_000 };
 
 const tmp = mkdtempSync(join(tmpdir(), 'helios-admin-test-'));
@@ -92,15 +91,6 @@ function fileConfig(listenPort: number, adminPort: number, top = ''): string {
   return top + text;
 }
 
-/** The "Adding a New Tenant" block of the scenario document, as an operator would paste it. */
-function newclientBlock(): string {
-  const doc = readFileSync(SEED_DOC, 'utf8');
-  const section = doc.slice(doc.indexOf('## Adding a New Tenant'));
-  const m = /```toml\n([\s\S]*?)```/.exec(section);
-  assert.ok(m !== null, 'no toml block under "Adding a New Tenant"');
-  assert.match(m[1]!, /id = "newclient"/);
-  return '\n' + m[1]!;
-}
 
 /** `text` without the [[multi_tenancy.tenants]] block of tenant `id` (up to the next tenant block or the end). */
 function withoutTenant(text: string, id: string): string {
@@ -963,7 +953,7 @@ describe('live reload from a file (POST /reload)', () => {
 
   test('appending the newclient block: added ["newclient"]; newclient reads its 2 orders; the earlier acme session keeps working', T, async () => {
     assert.equal(await stateOf(new pg.Client(clientConfig(listenPort, 'newclient.appuser', 'shared_db')).connect()), '28000', 'newclient is unknown before the reload');
-    text += newclientBlock();
+    text += newclientTenantToml();
     write(text);
     const r = await reload();
     assert.equal(r.ok, true);
@@ -1130,7 +1120,7 @@ describe('SIGHUP reload through the CLI (bin/heliosproxy.js)', () => {
     await acme.client.query('SELECT 1');
     assert.equal(await stateOf(new pg.Client(clientConfig(listenPort, 'newclient.appuser', 'shared_db')).connect()), '28000');
 
-    writeFileSync(file, text + newclientBlock());
+    writeFileSync(file, text + newclientTenantToml());
     process.kill(h.child.pid!, 'SIGHUP');
     await eventually(() => h!.output().includes('configuration reloaded'), 5000, 'the reload log line');
     const nc = await clients.open(clientConfig(listenPort, 'newclient.appuser', 'shared_db'));

@@ -12,7 +12,7 @@ import pg from 'pg';
 import { pino, type DestinationStream } from 'pino';
 import { ProxyServer } from '../src/server.js';
 import { runPsql } from './helpers/pg.js';
-import { direct, loadTestConfig, startProxy, type ProxyOptions, type TestProxy } from './helpers/proxy.js';
+import { direct, loadTestConfig, loginFails, startProxy, type LoginFailure, type ProxyOptions, type TestProxy } from './helpers/proxy.js';
 
 const PASSWORD = 'apppass';
 const md5hex = (s: string): string => createHash('md5').update(s).digest('hex');
@@ -46,25 +46,7 @@ const noWarmup = (c: Parameters<NonNullable<ProxyOptions['patch']>>[0]): void =>
   for (const t of c.multi_tenancy.tenants) t.pool.min_idle = 0;
 };
 
-interface LoginFailure {
-  code: string | undefined;
-  severity: string | undefined;
-  message: string;
-}
 
-/** Connects and expects the login to fail; returns the error the client saw. */
-async function loginFails(cfg: pg.ClientConfig): Promise<LoginFailure> {
-  const c = new pg.Client({ ...cfg, connectionTimeoutMillis: 10_000 });
-  try {
-    await c.connect();
-  } catch (err) {
-    assert.ok(err instanceof Error, `expected an Error, got ${String(err)}`);
-    if (err instanceof pg.DatabaseError) return { code: err.code, severity: err.severity, message: err.message };
-    return { code: undefined, severity: undefined, message: err.message };
-  }
-  await c.end();
-  assert.fail(`login as ${cfg.user} unexpectedly succeeded`);
-}
 
 /** Connects, runs one query, disconnects. */
 async function queryAs<R extends pg.QueryResultRow>(p: TestProxy, user: string, database: string | undefined, sql: string, password = PASSWORD): Promise<R[]> {

@@ -5,31 +5,11 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import pg from 'pg';
 import { runPsql, testPg } from './helpers/pg.js';
-import { startProxy, type TestProxy } from './helpers/proxy.js';
+import { loginFails, newclientTenantToml, startProxy, type LoginFailure, type TestProxy } from './helpers/proxy.js';
 
 const PASSWORD = 'apppass';
 
 /** The "Adding a New Tenant" block of the scenario document. */
-const NEWCLIENT_TENANT = `
-[[multi_tenancy.tenants]]
-id = "newclient"
-name = "New Client Inc"
-[multi_tenancy.tenants.isolation]
-strategy = "schema"
-database_name = "shared_db"
-schema_name = "newclient"
-[multi_tenancy.tenants.pool]
-max_connections = 10
-min_idle = 1
-dedicated_pool = false
-[multi_tenancy.tenants.rate_limits]
-qps_limit = 100
-max_connections = 10
-[multi_tenancy.tenants.permissions]
-allowed_operations = ["SELECT", "INSERT", "UPDATE", "DELETE"]
-read_only = false
-allow_ddl = false
-`;
 
 /** A TOML text edit that must apply (so a drifting reference file cannot turn a test into a no-op). */
 function edit(text: string, from: string | RegExp, to: string): string {
@@ -40,25 +20,7 @@ function edit(text: string, from: string | RegExp, to: string): string {
 const setKey = (key: string, value: string) => (text: string): string => edit(text, new RegExp(`^${key}\\s*=.*$`, 'm'), `${key} = ${value}`);
 const pipe = (...fns: ((t: string) => string)[]) => (text: string): string => fns.reduce((t, f) => f(t), text);
 
-interface LoginFailure {
-  code: string | undefined;
-  severity: string | undefined;
-  message: string;
-  detail: string | undefined;
-}
 
-async function loginFails(cfg: pg.ClientConfig): Promise<LoginFailure> {
-  const c = new pg.Client({ ...cfg, connectionTimeoutMillis: 10_000 });
-  try {
-    await c.connect();
-  } catch (err) {
-    assert.ok(err instanceof Error, `expected an Error, got ${String(err)}`);
-    if (err instanceof pg.DatabaseError) return { code: err.code, severity: err.severity, message: err.message, detail: err.detail };
-    return { code: undefined, severity: undefined, message: err.message, detail: undefined };
-  }
-  await c.end();
-  assert.fail(`login as ${cfg.user} to ${cfg.database ?? '(default)'} unexpectedly succeeded`);
-}
 
 function assertRefused(f: LoginFailure, code: string, message: string | RegExp): void {
   assert.equal(f.code, code, `expected ${code}, got ${f.code}: ${f.message}`);
@@ -222,7 +184,7 @@ describe('database_name identification', () => {
   describe('with the scenario\'s newclient tenant also in shared_db', () => {
     let p: TestProxy;
     before(async () => {
-      p = await startProxy({ toml: (t) => setKey('method', '"database_name"')(t) + NEWCLIENT_TENANT });
+      p = await startProxy({ toml: (t) => setKey('method', '"database_name"')(t) + newclientTenantToml() });
     });
     after(() => p.close());
 

@@ -19,30 +19,10 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import pg from 'pg';
 import postgres from 'postgres';
 import type { Config } from '../src/config/schema.js';
-import { direct, eventually, startProxy, type ProxyOptions, type TestProxy } from './helpers/proxy.js';
+import { direct, eventually, newclientTenantToml, pgError, startProxy, type ProxyOptions, type TestProxy } from './helpers/proxy.js';
 
 /** The "Adding a New Tenant" block of the scenario document: a second schema tenant in shared_db. */
-const NEWCLIENT_TOML = `
-[[multi_tenancy.tenants]]
-id = "newclient"
-name = "New Client Inc"
-[multi_tenancy.tenants.isolation]
-strategy = "schema"
-database_name = "shared_db"
-schema_name = "newclient"
-[multi_tenancy.tenants.pool]
-max_connections = 10
-min_idle = 1
-dedicated_pool = false
-[multi_tenancy.tenants.rate_limits]
-qps_limit = 100
-max_connections = 10
-[multi_tenancy.tenants.permissions]
-allowed_operations = ["SELECT", "INSERT", "UPDATE", "DELETE"]
-read_only = false
-allow_ddl = false
-`;
-const withNewclient = (text: string): string => text + NEWCLIENT_TOML;
+const withNewclient = (text: string): string => text + newclientTenantToml();
 
 const ACME_ORDERS = ['acme-customer-1', 'acme-customer-2', 'acme-customer-3'];
 const NEWCLIENT_ORDERS = ['newclient-customer-1', 'newclient-customer-2'];
@@ -70,15 +50,6 @@ async function one(c: pg.Client, sql: string): Promise<string | null> {
   return v === null || v === undefined ? null : String(v);
 }
 
-async function pgError(p: Promise<unknown>): Promise<pg.DatabaseError> {
-  try {
-    await p;
-  } catch (err) {
-    if (err instanceof pg.DatabaseError) return err;
-    throw err;
-  }
-  assert.fail('expected the statement to fail');
-}
 
 /** The statement is refused by the proxy: 42501, a message naming the tenant (and `what`, when given). */
 async function refused(p: Promise<unknown>, tenant: string, what?: RegExp): Promise<void> {

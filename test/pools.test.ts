@@ -8,7 +8,7 @@ import pg from 'pg';
 import postgres from 'postgres';
 import type { Config } from '../src/config/schema.js';
 import { runPsql, testPg } from './helpers/pg.js';
-import { direct, eventually, startProxy, type TestProxy } from './helpers/proxy.js';
+import { direct, eventually, pgError, startProxy, type TestProxy } from './helpers/proxy.js';
 
 interface PoolStats { name: string; database: string; role: string; idle: number; active: number; connecting: number; waiting: number; max: number }
 interface TenantStats { id: string; clients: number; backends_in_use: number }
@@ -67,15 +67,6 @@ function sampler(fn: () => Promise<number>, everyMs = 10): { stop: () => Promise
   };
 }
 
-async function pgError(p: Promise<unknown>): Promise<pg.DatabaseError> {
-  try {
-    await p;
-  } catch (err) {
-    if (err instanceof pg.DatabaseError) return err;
-    throw err;
-  }
-  assert.fail('expected the statement to fail');
-}
 
 /** Each describe starts from a backend with no appuser connections of earlier proxies. */
 async function noAppuserBackends(): Promise<void> {

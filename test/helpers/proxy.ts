@@ -1,6 +1,7 @@
 // Starts an in-process HeliosProxy in front of the run's throwaway PostgreSQL: the reference proxy.toml
 // with the primary pointed at that cluster, free ports, and any changes a test needs (as TOML text edits
 // or as a patch of the parsed config).
+import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -112,4 +113,46 @@ export async function eventually(check: () => Promise<boolean> | boolean, ms = 5
     if (Date.now() > until) throw new Error(`timed out waiting for ${what}`);
     await new Promise((r) => setTimeout(r, 50));
   }
+}
+
+/** The "Adding a New Tenant" TOML block of the scenario document (tenant newclient), as an operator pastes it. */
+export function newclientTenantToml(): string {
+  const doc = readFileSync(join(root, '..', 'shared', 'seed', 'multi-tenant-routing.md'), 'utf8');
+  const section = doc.slice(doc.indexOf('## Adding a New Tenant'));
+  const m = /```toml\n([\s\S]*?)```/.exec(section);
+  assert.ok(m !== null, 'no toml block under "Adding a New Tenant" in the scenario document');
+  assert.match(m[1]!, /id = "newclient"/);
+  return '\n' + m[1]!;
+}
+
+/** Awaits a statement that must fail and returns PostgreSQL's (or the proxy's) error. */
+export async function pgError(p: Promise<unknown>): Promise<pg.DatabaseError> {
+  try {
+    await p;
+  } catch (err) {
+    if (err instanceof pg.DatabaseError) return err;
+    throw err;
+  }
+  assert.fail('expected the statement to fail');
+}
+
+export interface LoginFailure {
+  code: string | undefined;
+  severity: string | undefined;
+  message: string;
+  detail: string | undefined;
+}
+
+/** Connects and expects the login to fail; returns the error the client saw. */
+export async function loginFails(cfg: pg.ClientConfig): Promise<LoginFailure> {
+  const c = new pg.Client({ ...cfg, connectionTimeoutMillis: 10_000 });
+  try {
+    await c.connect();
+  } catch (err) {
+    assert.ok(err instanceof Error, `expected an Error, got ${String(err)}`);
+    if (err instanceof pg.DatabaseError) return { code: err.code, severity: err.severity, message: err.message, detail: err.detail };
+    return { code: undefined, severity: undefined, message: err.message, detail: undefined };
+  }
+  await c.end();
+  assert.fail(`login as ${cfg.user} to ${cfg.database ?? '(default)'} unexpectedly succeeded`);
 }
