@@ -18,6 +18,7 @@ import {
   backendKeyData,
   CANCEL_REQUEST_CODE,
   CLOSE_COMPLETE,
+  closeStatement,
   decodeErrorFields,
   decodeStartupParams,
   errorResponse,
@@ -1048,7 +1049,7 @@ export class ClientSession implements ServerRelay {
     if (server.prepared.size >= SERVER_STATEMENT_CACHE) {
       const oldest = server.prepared.keys().next().value as string;
       server.prepared.delete(oldest);
-      this.toServerOwn(closeStatementMessage(oldest));
+      this.toServerOwn(closeStatement(oldest));
       this.expect.push(Expect.DropClose);
     }
     server.prepared.set(s.serverName, true);
@@ -1439,7 +1440,7 @@ export class ClientSession implements ServerRelay {
     if (this.pinAtReady !== null) {
       // Only state that was really created pins (a refused or failed statement created none).
       if (!this.requestFailed) {
-        if (this.pinned === null && mode_(this.ctx) !== 'session') this.log.debug({ reason: this.pinAtReady }, 'client pinned to its backend');
+        if (this.pinned === null && this.ctx.config.pool_mode.mode !== 'session') this.log.debug({ reason: this.pinAtReady }, 'client pinned to its backend');
         this.pinned ??= this.pinAtReady;
       }
       this.pinAtReady = null;
@@ -1630,19 +1631,6 @@ class LoginRefused extends Error {
   }
 }
 
-function mode_(ctx: SessionContext): Config['pool_mode']['mode'] {
-  return ctx.config.pool_mode.mode;
-}
-
-function closeStatementMessage(name: string): Buffer {
-  const nameBuf = Buffer.from(name + '\0', 'utf8');
-  const out = Buffer.allocUnsafe(6 + nameBuf.length);
-  out[0] = Msg.Close;
-  out.writeInt32BE(5 + nameBuf.length, 1);
-  out[5] = 0x53;
-  nameBuf.copy(out, 6);
-  return out;
-}
 
 /** A SCRAM verifier for a plaintext auth_file entry: one salt per role for the process, derived once. */
 const plainSalts = new Map<string, Buffer>();
