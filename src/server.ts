@@ -10,6 +10,9 @@ import { ConfigError, loadConfigFile, primaryNode, splitAddress, type LoadedConf
 import type { Config } from './config/schema.js';
 import { bindText, cancelRequest, errorResponse, execute, parse, SYNC } from './protocol/messages.js';
 import { PoolManager } from './pool/manager.js';
+import { backendTlsOptions, serverTlsContext, type ServerTlsMaterial } from './protocol/tls.js';
+import { JwtVerifier } from './auth/jwt.js';
+import { HttpGateway } from './http/gateway.js';
 import { ServerConnection } from './pool/server-connection.js';
 import { CancelRegistry } from './session/cancel.js';
 import { ClientSession, type SessionContext } from './session/client-session.js';
@@ -23,6 +26,8 @@ export interface StartOptions {
   listen?: { host: string; port: number };
   /** Overrides admin_address; null disables the admin API. */
   admin?: { host: string; port: number } | null;
+  /** Overrides http_gateway.listen_address; null disables the HTTP endpoint. */
+  gateway?: { host: string; port: number } | null;
 }
 
 export class ProxyServer {
@@ -43,7 +48,12 @@ export class ProxyServer {
     const node = primaryNode(config);
     const credentials = new CredentialStore(config.auth, loaded.baseDir);
     const tenants = new TenantRegistry(config.multi_tenancy);
-    const pools = new PoolManager(config, { host: node.host, port: node.port }, credentials, () => tenants.all());
+    const pools = new PoolManager(
+      config,
+      { host: node.host, port: node.port, tls: backendTlsOptions(config.backend_tls, loaded.baseDir) },
+      credentials,
+      () => tenants.all(),
+    );
     const sessions = new Set<ClientSession>();
     const ctx: SessionContext = {
       config,
@@ -58,8 +68,11 @@ export class ProxyServer {
       statements: new FactsCache(),
       sendCancel: (s) => this.sendCancel(s),
       shuttingDown: false,
+      tls: null,
+      jwt: null,
     };
     this.ctx = ctx;
+    this.loadIdentityMaterial(loaded);
     credentials.setAuthQueryRunner((role) => this.runAuthQuery(role));
     this.server = createServer({ noDelay: true }, (socket) => this.accept(socket));
     // One timer for every statement's max_query_duration, not one per statement.
@@ -71,6 +84,17 @@ export class ProxyServer {
   }
 
   private readonly durationWatch: NodeJS.Timeout;
+  private tlsMaterial: ServerTlsMaterial | null = null;
+  private gateway: HttpGateway | null = null;
+
+  /** (Re-)reads the certificate and the JWT keys; config load has already checked that both work. */
+  private loadIdentityMaterial(loaded: LoadedConfig): void {
+    const c = loaded.config;
+    this.tlsMaterial = c.tls !== undefined && c.tls.mode !== 'disable' ? serverTlsContext(c.tls, loaded.baseDir) : null;
+    this.ctx.tls = this.tlsMaterial?.context ?? null;
+    const jwt = c.multi_tenancy.identification.jwt;
+    this.ctx.jwt = jwt !== undefined ? new JwtVerifier(jwt, loaded.baseDir) : null;
+  }
 
   static async start(loaded: LoadedConfig, opts: StartOptions = {}): Promise<ProxyServer> {
     const log = opts.logger ?? pino({ level: loaded.config.log_level, base: { service: 'heliosproxy' } });
@@ -95,14 +119,24 @@ export class ProxyServer {
     const adminAddr = opts.admin === undefined ? (loaded.config.admin_address ? splitAddress(loaded.config.admin_address) : null) : opts.admin;
     if (adminAddr !== null) {
       try {
-        proxy.admin = await AdminServer.start(proxy, adminAddr);
+        proxy.admin = await AdminServer.start(proxy, adminAddr, loaded.config.admin_tls ? proxy.tlsMaterial : null);
+      } catch (err) {
+        await proxy.close();
+        throw err;
+      }
+    }
+    const gw = loaded.config.http_gateway;
+    const gatewayAddr = opts.gateway === undefined ? (gw !== undefined ? splitAddress(gw.listen_address) : null) : opts.gateway;
+    if (gatewayAddr !== null && gw !== undefined) {
+      try {
+        proxy.gateway = await HttpGateway.start(proxy, gatewayAddr, gw.tls ? proxy.tlsMaterial : null);
       } catch (err) {
         await proxy.close();
         throw err;
       }
     }
     const node = primaryNode(loaded.config);
-    log.info({ listen: `${proxy.host}:${proxy.port}`, admin: proxy.admin?.address ?? null, backend: `${node.host}:${node.port}`, mode: loaded.config.pool_mode.mode }, 'heliosproxy listening');
+    log.info({ listen: `${proxy.host}:${proxy.port}`, admin: proxy.admin?.address ?? null, http: proxy.gateway?.address ?? null, tls: loaded.config.tls?.mode ?? 'disable', backend: `${node.host}:${node.port}`, mode: loaded.config.pool_mode.mode }, 'heliosproxy listening');
     return proxy;
   }
 
@@ -112,6 +146,10 @@ export class ProxyServer {
 
   get adminPort(): number | null {
     return this.admin?.port ?? null;
+  }
+
+  get gatewayPort(): number | null {
+    return this.gateway?.port ?? null;
   }
 
   private accept(socket: Socket): void {
@@ -146,7 +184,8 @@ export class ProxyServer {
         const secret = this.ctx.credentials.authUserSecret();
         if (secret === null) throw new Error(`auth.auth_user "${auth.auth_user}" has no entry in auth_file`);
         const node = primaryNode(this.config);
-        this.authConn = ServerConnection.connect({ host: node.host, port: node.port, database: auth.auth_database, role: auth.auth_user! }, secret, 10_000);
+        const tls = backendTlsOptions(this.config.backend_tls, this.loaded.baseDir);
+        this.authConn = ServerConnection.connect({ host: node.host, port: node.port, database: auth.auth_database, role: auth.auth_user!, tls }, secret, 10_000);
       }
       let conn: ServerConnection;
       try {
@@ -198,14 +237,34 @@ export class ProxyServer {
     const [pn, nn] = [primaryNode(prev), primaryNode(c)];
     if (pn.host !== nn.host || pn.port !== nn.port) restartRequired.push('nodes (primary host/port)');
     if ((prev.auth === undefined) !== (c.auth === undefined)) restartRequired.push('auth (adding or removing the [auth] section)');
+    if (JSON.stringify(prev.backend_tls) !== JSON.stringify(c.backend_tls)) restartRequired.push('backend_tls');
+    if (c.admin_tls !== prev.admin_tls) restartRequired.push('admin_tls');
+    const [pg, ng] = [prev.http_gateway, c.http_gateway];
+    if ((pg === undefined) !== (ng === undefined) || pg?.listen_address !== ng?.listen_address || pg?.tls !== ng?.tls) {
+      restartRequired.push('http_gateway (adding or removing it, listen_address, tls)');
+    }
     // Keys that need a restart keep their old values; everything else takes the new ones.
     c.listen_address = prev.listen_address;
     c.admin_address = prev.admin_address;
+    c.backend_tls = prev.backend_tls;
+    c.admin_tls = prev.admin_tls;
+    if (restartRequired.includes('http_gateway (adding or removing it, listen_address, tls)')) c.http_gateway = prev.http_gateway;
     const keepNode = primaryNode(c);
     keepNode.host = pn.host;
     keepNode.port = pn.port;
     if (restartRequired.includes('auth (adding or removing the [auth] section)')) c.auth = prev.auth;
     else this.ctx.credentials.reloadFile(c.auth, next.baseDir);
+
+    if (c.tls === undefined && prev.tls !== undefined && (this.gateway !== null && prev.http_gateway?.tls || prev.admin_tls)) {
+      // An HTTPS listener cannot lose its certificate under way.
+      c.tls = prev.tls;
+      restartRequired.push('tls (removing it while an HTTPS listener uses it)');
+    }
+    this.loadIdentityMaterial({ ...next, config: c });
+    if (this.tlsMaterial !== null) {
+      if (c.http_gateway?.tls) this.gateway?.setTls(this.tlsMaterial);
+      if (c.admin_tls) this.admin?.setTls(this.tlsMaterial);
+    }
 
     const tenants = this.ctx.tenants.reconfigure(c.multi_tenancy);
     restartRequired.push(...tenants.restartRequired);
@@ -242,6 +301,7 @@ export class ProxyServer {
     this.ctx.metrics.close();
     if (this.authConn !== null) this.authConn.then((c) => c.close(), () => undefined);
     await this.admin?.close();
+    await this.gateway?.close();
   }
 
   /** Immediate shutdown (tests): every session ends now. */

@@ -230,7 +230,7 @@ describe('zero-config (no [auth]): cleartext password judged by the backend', ()
     try {
       const f = await loginFails({ host: external!, port: proxy.port, user: 'acme.appuser', database: 'shared_db', password: PASSWORD });
       assert.equal(f.code, '28000');
-      assert.match(f.message, /only allowed from loopback/);
+      assert.match(f.message, /only allowed over TLS or from loopback/);
     } finally {
       await proxy.close();
     }
@@ -476,6 +476,7 @@ describe('no password or verifier ever reaches the logs', () => {
       proxy,
       port: proxy.port,
       adminPort: null,
+      gatewayPort: null,
       clientConfig: (user, database, password = PASSWORD) => ({ host: '127.0.0.1', port: proxy.port, user, password, ...(database !== undefined ? { database } : {}) }),
       async connect(user, database, password = PASSWORD) {
         const c = new pg.Client({ host: '127.0.0.1', port: proxy.port, user, password, ...(database !== undefined ? { database } : {}) });

@@ -166,10 +166,11 @@ describe('config errors name the key', () => {
     assertProblem(problemsOf(REFERENCE.replace(/\[\[nodes\]\][\s\S]*?(?=# ── Multi-tenancy)/, '')), /^nodes: /);
   });
 
-  test('method = "jwt_claim" (and "header") is not supported yet', () => {
-    for (const m of ['jwt_claim', 'header']) {
-      assertProblem(problemsOf(edit(REFERENCE, 'method    = "username_prefix"', `method = "${m}"`)), new RegExp(`^multi_tenancy\\.identification\\.method: "${m}" is not supported yet`));
-    }
+  test('method = "jwt_claim" needs the jwt section and an auth_file; "header" needs the HTTP gateway', () => {
+    const jwt = problemsOf(edit(REFERENCE, 'method    = "username_prefix"', 'method = "jwt_claim"'));
+    assertProblem(jwt, /^multi_tenancy\.identification\.jwt: required with method = "jwt_claim"/);
+    assertProblem(jwt, /^multi_tenancy\.identification\.method: "jwt_claim" needs auth\.auth_file/);
+    assertProblem(problemsOf(edit(REFERENCE, 'method    = "username_prefix"', 'method = "header"')), /^multi_tenancy\.identification\.method: "header" identifies tenants on the HTTP endpoint only/);
   });
 
   test('cross_tenant_analytics = true is refused', () => {
@@ -276,7 +277,7 @@ describe('the heliosproxy CLI (needs `npm run build`)', () => {
     const r = await cli(['check-config', bad]);
     assert.equal(r.code, 1);
     assert.match(r.stderr, /cross_tenant_analytics/);
-    assert.match(r.stderr, /jwt_claim" is not supported yet/);
+    assert.match(r.stderr, /multi_tenancy\.identification\.jwt: required with method = "jwt_claim"/);
   });
 
   test('--help: exit 0 with usage', async () => {

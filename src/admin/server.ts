@@ -2,50 +2,54 @@
 // JSON or Prometheus text, health and readiness, reload, and pausing, resuming or disconnecting a tenant.
 // With admin_token set, every route but /health and /ready needs `Authorization: Bearer <token>`.
 import { timingSafeEqual } from 'node:crypto';
-import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import type { IncomingMessage, ServerResponse } from 'node:http';
 import { connect } from 'node:net';
 import { primaryNode } from '../config/load.js';
+import { listenHttp, type HttpListener } from '../http/listen.js';
+import type { ServerTlsMaterial } from '../protocol/tls.js';
 import type { ProxyServer } from '../server.js';
 import type { Tenant } from '../tenancy/registry.js';
 import { REJECTION_REASONS } from './metrics.js';
 import { STATUS_PAGE } from './status-page.js';
 
 export class AdminServer {
-  port = 0;
-  address = '';
   private readyCache: { at: number; ok: boolean; error: string | null } = { at: 0, ok: false, error: null };
 
   private constructor(
     private readonly proxy: ProxyServer,
-    private readonly http: Server,
+    private readonly listener: HttpListener,
   ) {}
 
-  static async start(proxy: ProxyServer, at: { host: string; port: number }): Promise<AdminServer> {
-    const http = createServer();
-    const admin = new AdminServer(proxy, http);
-    http.on('request', (req: IncomingMessage, res: ServerResponse) => {
-      admin.handle(req, res).catch((err: unknown) => {
-        proxy.log.error({ err: String(err) }, 'admin request failed');
-        if (!res.headersSent) admin.send(res, 500, { error: { message: 'internal error' } });
-      });
-    });
-    await new Promise<void>((resolve, reject) => {
-      http.once('error', reject);
-      http.listen(at.port, at.host, () => {
-        http.off('error', reject);
-        resolve();
-      });
-    });
-    const addr = http.address();
-    if (addr !== null && typeof addr === 'object') {
-      admin.port = addr.port;
-      admin.address = `${addr.address}:${addr.port}`;
-    }
+  static async start(proxy: ProxyServer, at: { host: string; port: number }, tls: ServerTlsMaterial | null): Promise<AdminServer> {
+    let admin: AdminServer | null = null;
+    const listener = await listenHttp(
+      at,
+      (req, res) => {
+        admin!.handle(req, res).catch((err: unknown) => {
+          proxy.log.error({ err: String(err) }, 'admin request failed');
+          if (!res.headersSent) admin!.send(res, 500, { error: { message: 'internal error' } });
+        });
+      },
+      tls,
+    );
+    admin = new AdminServer(proxy, listener);
     const loopback = /^(127\.|::1$|localhost$)/.test(at.host);
     if (!loopback && proxy.config.admin_token === undefined) {
-      proxy.log.warn(`WARNING: the admin API listens on ${at.host}:${admin.port} without admin_token: anyone who can reach it can reload, pause and disconnect tenants. Set admin_token.`);
+      proxy.log.warn(`WARNING: the admin API listens on ${at.host}:${listener.port} without admin_token: anyone who can reach it can reload, pause and disconnect tenants. Set admin_token.`);
     }
     return admin;
+  }
+
+  get port(): number {
+    return this.listener.port;
+  }
+
+  get address(): string {
+    return this.listener.address;
+  }
+
+  setTls(m: ServerTlsMaterial): void {
+    this.listener.setTls(m);
   }
 
   private authorized(req: IncomingMessage): boolean {
@@ -245,9 +249,6 @@ export class AdminServer {
   }
 
   close(): Promise<void> {
-    return new Promise((resolve) => {
-      this.http.close(() => resolve());
-      this.http.closeAllConnections();
-    });
+    return this.listener.close();
   }
 }

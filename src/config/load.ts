@@ -4,6 +4,8 @@ import { readFileSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import { parse as parseToml, TomlError } from 'smol-toml';
 import { z } from 'zod';
+import { JwtVerifier } from '../auth/jwt.js';
+import { backendTlsOptions, serverTlsContext } from '../protocol/tls.js';
 import { ConfigSchema, type Config } from './schema.js';
 
 export class ConfigError extends Error {
@@ -111,10 +113,56 @@ function crossChecks(c: Config, baseDir: string): string[] {
 
   const mt = c.multi_tenancy;
   const idn = mt.identification;
-  if (idn.method === 'jwt_claim' || idn.method === 'header') {
-    problems.push(
-      `multi_tenancy.identification.method: "${idn.method}" is not supported yet (it arrives with the JWT/HTTP identity work); use "username_prefix" or "database_name"`,
-    );
+  const gw = c.http_gateway;
+  if (idn.jwt !== undefined) {
+    try {
+      new JwtVerifier(idn.jwt, baseDir);
+    } catch (err) {
+      problems.push((err as Error).message);
+    }
+  }
+  if (idn.method === 'jwt_claim') {
+    if (idn.jwt === undefined) problems.push('multi_tenancy.identification.jwt: required with method = "jwt_claim" (claim and key)');
+    if (c.auth?.auth_file === undefined) {
+      problems.push('multi_tenancy.identification.method: "jwt_claim" needs auth.auth_file with the backend roles\' passwords (a token proves the tenant, not a PostgreSQL password)');
+    }
+  }
+  if (idn.method === 'header' && gw?.identify_by !== 'header') {
+    problems.push('multi_tenancy.identification.method: "header" identifies tenants on the HTTP endpoint only: configure [http_gateway] with identify_by = "header"');
+  }
+  if (gw !== undefined) {
+    if (c.auth?.auth_file === undefined) problems.push('http_gateway.role: needs auth.auth_file with the password of the role HTTP requests run as');
+    if (gw.identify_by === 'jwt_claim' && idn.jwt === undefined) problems.push('http_gateway.identify_by: "jwt_claim" needs [multi_tenancy.identification.jwt]');
+    if (gw.identify_by === 'header' && gw.api_keys.length === 0) {
+      problems.push('http_gateway.api_keys: identify_by = "header" needs at least one { key, tenants } entry (a bare header is never trusted)');
+    }
+    const known = new Set(mt.tenants.map((t) => t.id));
+    gw.api_keys.forEach((k, i) => {
+      for (const t of k.tenants) if (!known.has(t) && !mt.auto_create_tenants) problems.push(`http_gateway.api_keys[${i}].tenants: "${t}" is not a configured tenant`);
+    });
+    if (gw.listen_address === c.listen_address || gw.listen_address === c.admin_address) {
+      problems.push(`http_gateway.listen_address: ${gw.listen_address} is already used by another listener`);
+    }
+    if (gw.tls && (c.tls?.cert_file === undefined || c.tls.mode === 'disable')) problems.push('http_gateway.tls: needs [tls] with cert_file and key_file');
+  }
+  if (c.admin_tls && (c.tls?.cert_file === undefined || c.tls.mode === 'disable')) problems.push('admin_tls: needs [tls] with cert_file and key_file');
+  if (c.tls !== undefined && c.tls.mode !== 'disable') {
+    if (c.tls.cert_file === undefined || c.tls.key_file === undefined) {
+      problems.push(`tls: mode = "${c.tls.mode}" needs cert_file and key_file`);
+    } else {
+      try {
+        serverTlsContext(c.tls, baseDir);
+      } catch (err) {
+        problems.push(`tls: ${(err as Error).message}`);
+      }
+    }
+  }
+  if (c.backend_tls?.ca_file !== undefined) {
+    try {
+      backendTlsOptions(c.backend_tls, baseDir);
+    } catch (err) {
+      problems.push(`backend_tls.ca_file: ${(err as Error).message}`);
+    }
   }
   if (mt.cross_tenant_analytics) {
     problems.push('multi_tenancy.cross_tenant_analytics: true is not supported; cross-tenant queries would break isolation');

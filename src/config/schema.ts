@@ -139,9 +139,31 @@ export const TenantDefaultsSchema = z.strictObject({
   permissions: PermissionsSchema.optional(),
 });
 
+export const JWT_ALGORITHMS = ['HS256', 'HS384', 'HS512', 'RS256', 'RS384', 'RS512', 'PS256', 'PS384', 'PS512', 'ES256', 'ES384', 'ES512', 'EdDSA'] as const;
+
+/** How JWTs are verified (wire logins with method = "jwt_claim", HTTP requests with identify_by = "jwt_claim"). */
+export const JwtSchema = z.strictObject({
+  /** Top-level claim that holds the tenant id. */
+  claim: z.string().min(1).default('tenant_id'),
+  /** Shared secret for HMAC tokens (HS256/384/512). */
+  secret: z.string().min(32, 'use at least 32 characters (256 bits) for an HMAC secret').optional(),
+  /** PEM public key or certificate (RSA, EC or Ed25519). */
+  public_key_file: z.string().min(1).optional(),
+  /** A JWKS document ({"keys": [...]}); the key is picked by the token's `kid`. */
+  jwks_file: z.string().min(1).optional(),
+  issuer: z.string().min(1).optional(),
+  audience: z.string().min(1).optional(),
+  clock_skew_secs: secs.default(30),
+  /** Allow-list; `none` is never accepted. Default: the algorithms the configured key can verify. */
+  algorithms: z.array(z.enum(JWT_ALGORITHMS)).min(1).optional(),
+  /** Backend roles a token holder may log in as (wire). Default: any role with a secret in auth_file but auth_user. */
+  allowed_roles: z.array(z.string().min(1)).min(1).optional(),
+});
+
 export const IdentificationSchema = z.strictObject({
   method: z.enum(['username_prefix', 'database_name', 'jwt_claim', 'header']).default('username_prefix'),
   separator: z.string().min(1).max(8).default('.'),
+  jwt: JwtSchema.optional(),
 });
 
 export const MultiTenancySchema = z.strictObject({
@@ -155,11 +177,47 @@ export const MultiTenancySchema = z.strictObject({
   tenants: z.array(TenantSchema).default([]),
 });
 
+/** Client-side TLS: the certificate the proxy presents to PostgreSQL clients (and, if asked, HTTP clients). */
+export const TlsSchema = z.strictObject({
+  cert_file: z.string().min(1).optional(),
+  key_file: z.string().min(1).optional(),
+  /** disable: answer SSLRequest 'N'; allow: TLS when the client asks; require: plaintext startups are refused. */
+  mode: z.enum(['disable', 'allow', 'require']).default('allow'),
+});
+
+/** TLS from the proxy to PostgreSQL. */
+export const BackendTlsSchema = z.strictObject({
+  mode: z.enum(['disable', 'prefer', 'require', 'verify-full']).default('disable'),
+  /** CA bundle (PEM) that must have signed the server's certificate; with verify-full, system CAs otherwise. */
+  ca_file: z.string().min(1).optional(),
+});
+
+export const ApiKeySchema = z.strictObject({
+  key: z.string().min(16, 'use at least 16 characters'),
+  tenants: z.array(identifier).min(1),
+});
+
+/** The HTTP SQL endpoint: POST /v1/query and /v1/transaction. */
+export const HttpGatewaySchema = z.strictObject({
+  listen_address: address,
+  identify_by: z.enum(['header', 'jwt_claim']).default('header'),
+  tenant_header: z.string().regex(/^[A-Za-z0-9-]+$/, 'expected an HTTP header name').default('X-Tenant-Id'),
+  api_keys: z.array(ApiKeySchema).default([]),
+  /** Backend role requests run as; its secret comes from [auth] (see docs/configuration.md). */
+  role: z.string().min(1),
+  max_body_bytes: posInt.default(1_048_576),
+  request_timeout_secs: posInt.default(30),
+  /** Serve HTTPS with [tls]'s certificate. */
+  tls: z.boolean().default(false),
+});
+
 export const ConfigSchema = z.strictObject({
   listen_address: address.default('0.0.0.0:6432'),
   admin_address: address.optional(),
   /** When set, every admin route but /health and /ready needs `Authorization: Bearer <admin_token>`. */
   admin_token: z.string().min(16, 'use at least 16 characters').optional(),
+  /** Serve the admin API over HTTPS with [tls]'s certificate. */
+  admin_tls: z.boolean().default(false),
   /** SIGTERM/SIGINT: how long in-flight transactions may finish before clients are closed with 57P01. */
   shutdown_timeout_secs: secs.default(30),
   log_level: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
@@ -173,6 +231,9 @@ export const ConfigSchema = z.strictObject({
   health: HealthSchema.optional(),
   nodes: z.array(NodeSchema).min(1, 'at least one [[nodes]] entry with role = "primary" is required'),
   multi_tenancy: MultiTenancySchema.prefault({}),
+  tls: TlsSchema.optional(),
+  backend_tls: BackendTlsSchema.optional(),
+  http_gateway: HttpGatewaySchema.optional(),
 });
 
 export type Config = z.output<typeof ConfigSchema>;
@@ -182,3 +243,5 @@ export type IsolationConfig = z.output<typeof IsolationSchema>;
 export type TenantPoolConfig = z.output<typeof TenantPoolSchema>;
 export type NodeConfig = z.output<typeof NodeSchema>;
 export type PoolMode = Config['pool_mode']['mode'];
+export type JwtConfig = z.output<typeof JwtSchema>;
+export type HttpGatewayConfig = z.output<typeof HttpGatewaySchema>;

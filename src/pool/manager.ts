@@ -1,5 +1,6 @@
 // pool/ owns backend connections. The PoolManager decides which Pool serves a tenant's role: the shared
 // pool (capped as a whole by [pool].max_connections) or the tenant's dedicated pool, and runs the upkeep.
+import type { BackendTlsPolicy } from '../protocol/tls.js';
 import type { CredentialStore } from '../auth/credentials.js';
 import type { Config } from '../config/schema.js';
 import type { Tenant } from '../tenancy/registry.js';
@@ -16,7 +17,7 @@ export class PoolManager {
 
   constructor(
     private config: Config,
-    private readonly backend: { host: string; port: number },
+    private readonly backend: { host: string; port: number; tls?: BackendTlsPolicy },
     private readonly credentials: CredentialStore,
     private readonly tenants: () => Tenant[],
   ) {
@@ -35,7 +36,7 @@ export class PoolManager {
       const name = dedicated ? `${tenant.id}/${tenant.database}/${role}` : `shared/${tenant.database}/${role}`;
       pool = new Pool(
         name,
-        { host: this.backend.host, port: this.backend.port, database: tenant.database, role },
+        { host: this.backend.host, port: this.backend.port, database: tenant.database, role, ...(this.backend.tls ? { tls: this.backend.tls } : {}) },
         this.limitsFor(tenant),
         group,
         () => this.credentials.backendSecret(role),

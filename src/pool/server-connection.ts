@@ -2,7 +2,9 @@
 // its login (StartupMessage, authentication, ParameterStatus, BackendKeyData), the session state the proxy
 // applied to it, and two ways of talking to it: internal queries while idle, or a relay attached by the
 // ClientSession it currently serves.
-import { Socket, connect as netConnect } from 'node:net';
+import { isIP, Socket, connect as netConnect } from 'node:net';
+import { connect as tlsConnect } from 'node:tls';
+import type { BackendTlsPolicy } from '../protocol/tls.js';
 import type { Secret } from '../auth/credentials.js';
 import { md5Response, md5Secret } from '../auth/md5.js';
 import { ScramClientExchange, type ScramKeys } from '../auth/scram.js';
@@ -15,6 +17,7 @@ import {
   query,
   readCString,
   saslInitialResponse,
+  sslRequest,
   startupMessage,
   TERMINATE,
   type TxStatus,
@@ -25,6 +28,8 @@ export interface BackendTarget {
   port: number;
   database: string;
   role: string;
+  /** [backend_tls]: whether to ask for TLS and how to check the certificate. */
+  tls?: BackendTlsPolicy;
 }
 
 /** An ErrorResponse from the backend, kept whole so it can be relayed to a client unchanged. */
@@ -98,9 +103,8 @@ export class ServerConnection implements FrameSink {
   /** Opens, authenticates and waits for the first ReadyForQuery. Rejects with BackendError or BackendUnavailable. */
   static connect(target: BackendTarget, secret: Secret, timeoutMs: number): Promise<ServerConnection> {
     return new Promise((resolve, reject) => {
-      const socket = netConnect({ host: target.host, port: target.port, noDelay: true });
-      const conn = new ServerConnection(socket, target);
-      const login = new LoginHandshake(conn, target, secret);
+      const where = `${target.host}:${target.port}`;
+      let socket: Socket = netConnect({ host: target.host, port: target.port, noDelay: true });
       let settled = false;
       const fail = (err: Error): void => {
         if (settled) return;
@@ -109,42 +113,70 @@ export class ServerConnection implements FrameSink {
         socket.destroy();
         reject(err);
       };
-      const timer = setTimeout(
-        () => fail(new BackendUnavailable(`timed out connecting to ${target.host}:${target.port} after ${timeoutMs} ms`)),
-        timeoutMs,
-      );
-      socket.on('error', (err) => {
-        if (!settled) fail(new BackendUnavailable(`cannot connect to ${target.host}:${target.port}: ${err.message}`));
-      });
-      socket.once('connect', () => socket.write(startupMessage({ user: target.role, database: target.database })));
-      const loginSink: FrameSink = {
-        message: (buf, start, end) => {
-          if (settled) return;
-          login.message(buf, start, end).then(
-            (done) => {
-              if (!done || settled) return;
-              settled = true;
-              clearTimeout(timer);
-              conn.derivedKeys = login.derivedKeys;
-              socket.removeAllListeners('data');
-              socket.removeAllListeners('error');
-              conn.listen();
-              resolve(conn);
-            },
-            (err: Error) => fail(err),
-          );
-        },
-        batchEnd: () => {},
+      const timer = setTimeout(() => fail(new BackendUnavailable(`timed out connecting to ${where} after ${timeoutMs} ms`)), timeoutMs);
+      socket.on('error', (err) => fail(new BackendUnavailable(`cannot connect to ${where}: ${err.message}`)));
+      socket.once('close', () => fail(new BackendUnavailable(`connection to ${where} closed during login`)));
+
+      const login = (): void => {
+        const conn = new ServerConnection(socket, target);
+        const handshake = new LoginHandshake(conn, target, secret);
+        const loginSink: FrameSink = {
+          message: (buf, start, end) => {
+            if (settled) return;
+            handshake.message(buf, start, end).then(
+              (done) => {
+                if (!done || settled) return;
+                settled = true;
+                clearTimeout(timer);
+                conn.derivedKeys = handshake.derivedKeys;
+                socket.removeAllListeners('data');
+                socket.removeAllListeners('error');
+                socket.removeAllListeners('close');
+                conn.listen();
+                resolve(conn);
+              },
+              (err: Error) => fail(err),
+            );
+          },
+          batchEnd: () => {},
+        };
+        const loginFramer = new MessageFramer();
+        socket.on('data', (chunk: Buffer) => {
+          try {
+            loginFramer.feed(chunk, loginSink);
+          } catch (err) {
+            fail(err as Error);
+          }
+        });
+        socket.write(startupMessage({ user: target.role, database: target.database }));
       };
-      const loginFramer = new MessageFramer();
-      socket.on('data', (chunk: Buffer) => {
-        try {
-          loginFramer.feed(chunk, loginSink);
-        } catch (err) {
-          fail(err as Error);
-        }
+
+      const tls = target.tls;
+      socket.once('connect', () => {
+        if (tls === undefined || !tls.request) return login();
+        socket.write(sslRequest());
+        socket.once('data', (answer: Buffer) => {
+          if (settled) return;
+          // One byte, and nothing after it: bytes past the answer would have come from a man in the middle.
+          if (answer.length !== 1 || (answer[0] !== 0x53 && answer[0] !== 0x4e)) {
+            return fail(new BackendUnavailable(`backend ${where} sent an invalid answer to SSLRequest`));
+          }
+          if (answer[0] === 0x4e) {
+            if (tls.required) return fail(new BackendUnavailable(`backend ${where} does not support TLS, and backend_tls.mode requires it`));
+            return login();
+          }
+          const plain = socket;
+          plain.removeAllListeners('error');
+          plain.removeAllListeners('close');
+          const secure = tlsConnect({ ...tls.options, socket: plain, servername: isIP(target.host) === 0 ? target.host : undefined });
+          socket = secure;
+          secure.on('error', (err) => fail(new BackendUnavailable(`TLS with backend ${where} failed: ${err.message}`)));
+          secure.once('close', () => fail(new BackendUnavailable(`connection to ${where} closed during login`)));
+          secure.once('secureConnect', () => {
+            if (!settled) login();
+          });
+        });
       });
-      socket.once('close', () => fail(new BackendUnavailable(`connection to ${target.host}:${target.port} closed during login`)));
     });
   }
 

@@ -192,6 +192,10 @@ export function startupMessage(params: Record<string, string>): Buffer {
   return w.byte(0).done();
 }
 
+export function sslRequest(): Buffer {
+  return writer(null).int32(SSL_REQUEST_CODE).done();
+}
+
 export function cancelRequest(pid: number, secret: number): Buffer {
   return writer(null).int32(CANCEL_REQUEST_CODE).int32(pid).int32(secret).done();
 }
@@ -226,6 +230,10 @@ export function bindText(portal: string, statement: string, params: (string | nu
     }
   }
   return w.int16(0).done();
+}
+
+export function describePortal(portal: string): Buffer {
+  return writer(Msg.Describe).byte(0x50).cstring(portal).done();
 }
 
 export function execute(portal: string, maxRows = 0): Buffer {

@@ -4,9 +4,11 @@
 // (expect queue: synthesize, drop or forward) → client, and at ReadyForQuery with nothing in flight the
 // backend goes back to its pool (transaction/statement mode).
 import { randomBytes } from 'node:crypto';
-import type { Socket } from 'node:net';
+import type { Duplex } from 'node:stream';
+import { TLSSocket, type SecureContext } from 'node:tls';
 import type { Logger } from 'pino';
 import type { CredentialStore } from '../auth/credentials.js';
+import { TokenRefused, type JwtVerifier } from '../auth/jwt.js';
 import { md5Matches, md5Secret } from '../auth/md5.js';
 import { cachedDerive, mockScramKeys, ScramError, ScramServerExchange, type ScramKeys } from '../auth/scram.js';
 import type { Config } from '../config/schema.js';
@@ -68,7 +70,17 @@ export interface SessionContext {
   /** Opens a short-lived connection to send a CancelRequest to a backend. */
   sendCancel(server: ServerConnection): void;
   shuttingDown: boolean;
+  /** [tls]'s certificate, re-read on reload; null when TLS is off. */
+  tls: SecureContext | null;
+  /** [multi_tenancy.identification.jwt], rebuilt on reload; null when not configured. */
+  jwt: JwtVerifier | null;
 }
+
+/**
+ * What a session talks to its client over: a TCP socket, the TLSSocket it becomes after SSLRequest, or
+ * the in-process stream of an HTTP gateway request.
+ */
+export type ClientTransport = Duplex & { readonly remoteAddress?: string | undefined; readonly remotePort?: number | undefined };
 
 const LOGIN_TIMEOUT_MS = 60_000;
 /** Longer statements are refused for tenants whose statements are checked: parsing must stay bounded. */
@@ -214,13 +226,21 @@ export class ClientSession implements ServerRelay {
     batchEnd: () => {},
   };
 
+  /** Whether the client's bytes travel over TLS (after SSLRequest), which lets cleartext secrets through. */
+  private encrypted = false;
+  private readonly onDataListener = (chunk: Buffer): void => this.onData(chunk);
+
+  /**
+   * `preauthenticated`: the HTTP gateway has already identified and authorized the request; the
+   * StartupMessage then skips authentication and everything else is as for a wire client.
+   */
   constructor(
-    readonly socket: Socket,
+    public socket: ClientTransport,
     private readonly ctx: SessionContext,
+    private readonly preauthenticated: Identity | null = null,
   ) {
     this.log = ctx.log.child({ conn: this.id, client: `${socket.remoteAddress}:${socket.remotePort}` });
-    socket.setNoDelay(true);
-    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    socket.on('data', this.onDataListener);
     socket.on('error', (err) => this.log.debug({ err: err.message }, 'client socket error'));
     socket.on('close', () => this.cleanup());
     this.loginTimer = setTimeout(() => {
@@ -261,8 +281,12 @@ export class ClientSession implements ServerRelay {
       const msg = this.startupFramer.next();
       if (msg === null) return;
       const code = msg.readInt32BE(4);
+      if (code === SSL_REQUEST_CODE && this.ctx.tls !== null && !this.encrypted && this.preauthenticated === null) {
+        this.startTls(this.ctx.tls);
+        return;
+      }
       if (code === SSL_REQUEST_CODE || code === GSSENC_REQUEST_CODE) {
-        // TLS arrives in its own issue; 'N' tells the client to go on in plaintext.
+        // 'N' tells the client to go on in plaintext (or, with sslmode=require, to give up).
         this.socket.write('N');
         continue;
       }
@@ -276,12 +300,40 @@ export class ClientSession implements ServerRelay {
         this.fatal({ code: '0A000', message: `unsupported frontend protocol ${code >> 16}.${code & 0xffff}: server supports 3.0` });
         return;
       }
+      if (!this.encrypted && this.preauthenticated === null && this.ctx.config.tls?.mode === 'require') {
+        this.fatal({ code: '28000', message: 'this proxy accepts only TLS connections', hint: 'Connect with sslmode=require (or verify-ca/verify-full).' });
+        return;
+      }
       const rest = this.startupFramer.takeRest();
       this.phase = 'auth';
       this.startSession(msg, code).catch((err: unknown) => this.loginFailed(err));
       if (rest.length > 0) this.framer.feed(rest, this.authSink);
       return;
     }
+  }
+
+  /**
+   * Answers SSLRequest with 'S' and hands the socket to TLS; the StartupMessage then arrives encrypted.
+   * Bytes already buffered behind the SSLRequest were sent in plaintext before the handshake, so could
+   * come from a man in the middle (CVE-2021-23214): the connection is refused instead.
+   */
+  private startTls(context: SecureContext): void {
+    if (this.startupFramer.takeRest().length > 0) {
+      this.fatal({ code: '08P01', message: 'received unencrypted data after SSL request' });
+      return;
+    }
+    const raw = this.socket;
+    raw.off('data', this.onDataListener);
+    raw.write('S');
+    const secure = new TLSSocket(raw as import('node:net').Socket, { isServer: true, secureContext: context });
+    this.socket = secure;
+    this.encrypted = true;
+    secure.on('data', this.onDataListener);
+    secure.on('error', (err) => {
+      this.log.info({ err: err.message }, 'TLS handshake or stream failed');
+      secure.destroy();
+    });
+    secure.on('close', () => this.cleanup());
   }
 
   // ── startup and authentication ─────────────────────────────────────────────────────
@@ -294,9 +346,14 @@ export class ClientSession implements ServerRelay {
 
     const user = params.get('user');
     if (user === undefined || user === '') throw new LoginRefused({ code: '28000', message: 'no PostgreSQL user name specified in startup packet' });
+    const byToken = this.preauthenticated === null && this.ctx.config.multi_tenancy.enabled && this.ctx.config.multi_tenancy.identification.method === 'jwt_claim';
     let identity: Identity;
     try {
-      identity = this.ctx.tenants.identify(user, params.get('database'));
+      if (this.preauthenticated !== null) identity = this.preauthenticated;
+      else if (byToken) identity = await this.tokenLogin(user, params.get('database'));
+      else if (this.ctx.config.multi_tenancy.enabled && this.ctx.config.multi_tenancy.identification.method === 'header') {
+        throw new LoginRefused({ code: '28000', message: 'tenants are identified by HTTP header on this proxy: use the HTTP SQL endpoint' });
+      } else identity = this.ctx.tenants.identify(user, params.get('database'));
     } catch (err) {
       if (err instanceof IdentifyError) throw new LoginRefused({ code: err.code, message: err.message, ...(err.detail ? { detail: err.detail } : {}) });
       throw err;
@@ -312,7 +369,7 @@ export class ClientSession implements ServerRelay {
     this.log = this.log.child({ tenant: identity.tenant.id, user });
     this.pool = this.ctx.pools.poolFor(identity.tenant, identity.role);
 
-    const verified = await this.authenticate(identity);
+    const verified = this.preauthenticated !== null || byToken ? null : await this.authenticate(identity);
     try {
       identity.tenant = this.ctx.tenants.confirm(identity.tenant);
     } catch (err) {
@@ -403,6 +460,47 @@ export class ClientSession implements ServerRelay {
   }
 
   /**
+   * method = "jwt_claim": the password is a JWT. Its signature and claims are checked before anything
+   * reaches a backend; the tenant comes from the claim, the backend role from the user name, and the
+   * backend login uses the role's secret from [auth].
+   */
+  private async tokenLogin(user: string, database: string | undefined): Promise<Identity> {
+    const jwt = this.ctx.jwt!;
+    if (!this.encrypted && !isLoopback(this.socket.remoteAddress)) {
+      throw new LoginRefused({ code: '28000', message: 'a token is accepted only over TLS or from loopback', hint: 'Connect with sslmode=require.' });
+    }
+    this.socket.write(authentication(AuthCode.CleartextPassword));
+    const body = await this.expectPassword();
+    const token = readCString(body, 0, body.length)[0];
+    let tenantId: string;
+    try {
+      tenantId = (await jwt.verify(token)).tenantId;
+    } catch (err) {
+      if (err instanceof TokenRefused) throw new LoginRefused({ code: err.code, message: `token authentication failed for user "${user}": ${err.message}` });
+      throw err;
+    }
+    const identity = this.ctx.tenants.identifyTenant(tenantId, user, user, database === user ? undefined : database);
+    await this.checkTokenRole(identity.role);
+    return identity;
+  }
+
+  /** A token proves the tenant, not a PostgreSQL password: only roles meant for token holders may be used. */
+  private async checkTokenRole(role: string): Promise<void> {
+    const creds = this.ctx.credentials;
+    const allowed = this.ctx.config.multi_tenancy.identification.jwt?.allowed_roles;
+    const permitted = allowed !== undefined ? allowed.includes(role) : role !== creds.authUser && creds.inAuthFile(role);
+    if (!permitted) throw new LoginRefused({ code: '28000', message: `role "${role}" may not log in with a token` });
+    await creds.lookup(role);
+    if (creds.backendSecret(role) === null) {
+      throw new LoginRefused({
+        code: '28000',
+        message: `the proxy holds no usable backend password for role "${role}"`,
+        hint: 'Token logins need the role\'s password in auth_file as plain text or md5 (a SCRAM verifier cannot log in to PostgreSQL).',
+      });
+    }
+  }
+
+  /**
    * Proves the client knows the role's password. Returns a backend connection when proving it took one
    * (passthrough mode: the backend judged the cleartext password), else null.
    */
@@ -410,11 +508,11 @@ export class ClientSession implements ServerRelay {
     const creds = this.ctx.credentials;
     const role = identity.role;
     if (creds.passthrough) {
-      if (!isLoopback(this.socket.remoteAddress)) {
+      if (!this.encrypted && !isLoopback(this.socket.remoteAddress)) {
         throw new LoginRefused({
           code: '28000',
-          message: 'cleartext password passthrough is only allowed from loopback clients',
-          hint: 'Configure [auth] (auth_file or auth_query) to accept remote clients.',
+          message: 'cleartext password passthrough is only allowed over TLS or from loopback clients',
+          hint: 'Connect with sslmode=require, or configure [auth] (auth_file or auth_query).',
         });
       }
       this.socket.write(authentication(AuthCode.CleartextPassword));

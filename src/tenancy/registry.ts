@@ -282,6 +282,21 @@ export class TenantRegistry {
     return { tenant, role, clientUser: user };
   }
 
+  /**
+   * A tenant named by a verified token or an authorized HTTP request. Unknown ids are created when
+   * auto_create_tenants says so, and refused otherwise (never let through unisolated).
+   */
+  identifyTenant(tenantId: string, role: string, clientUser: string, givenDb: string | undefined): Identity {
+    const tenant = this.byId.get(tenantId);
+    if (tenant === undefined) {
+      const created = this.config.auto_create_tenants ? this.unknown(tenantId, role, clientUser, givenDb) : null;
+      if (created !== null && created.tenant.origin === 'auto') return created;
+      throw new IdentifyError('28000', `unknown tenant "${tenantId}"`);
+    }
+    this.checkDatabase(tenant, givenDb);
+    return { tenant, role, clientUser };
+  }
+
   private checkDatabase(tenant: Tenant, givenDb: string | undefined): void {
     if (givenDb === undefined || tenant.databaseNames.includes(givenDb)) return;
     throw new IdentifyError('42501', `permission denied for database "${givenDb}"`, `Tenant "${tenant.id}" uses database "${tenant.database}".`);

@@ -18,6 +18,7 @@ export interface TestProxy {
   proxy: ProxyServer;
   port: number;
   adminPort: number | null;
+  gatewayPort: number | null;
   /** node-postgres client config for a user/database through the proxy. */
   clientConfig(user: string, database?: string, password?: string): pg.ClientConfig;
   /** Connects a node-postgres client through the proxy. */
@@ -32,6 +33,8 @@ export interface ProxyOptions {
   patch?: (c: Config) => void;
   mode?: 'session' | 'transaction' | 'statement';
   admin?: boolean;
+  /** Start [http_gateway] (the TOML must configure it) on a free loopback port. */
+  gateway?: boolean;
   /** Directory relative paths (auth_file) resolve against. */
   baseDir?: string;
   /**
@@ -71,6 +74,7 @@ export async function startProxy(opts: ProxyOptions = {}): Promise<TestProxy> {
     logger: silentLogger(),
     listen: { host: '127.0.0.1', port: 0 },
     admin: opts.admin ? { host: '127.0.0.1', port: 0 } : null,
+    gateway: opts.gateway ? { host: '127.0.0.1', port: 0 } : null,
   });
   const clientConfig = (user: string, database?: string, password = 'apppass'): pg.ClientConfig => ({
     host: '127.0.0.1',
@@ -83,6 +87,7 @@ export async function startProxy(opts: ProxyOptions = {}): Promise<TestProxy> {
     proxy,
     port: proxy.port,
     adminPort: proxy.adminPort,
+    gatewayPort: proxy.gatewayPort,
     clientConfig,
     async connect(user, database, password) {
       const c = new pg.Client(clientConfig(user, database, password));
