@@ -10,8 +10,7 @@ import { ConfigError, loadConfigFile, primaryNode, splitAddress, type LoadedConf
 import type { Config } from './config/schema.js';
 import { bindText, cancelRequest, errorResponse, execute, parse, SYNC } from './protocol/messages.js';
 import { PoolManager } from './pool/manager.js';
-import { backendTlsOptions, serverTlsContext, type ServerTlsMaterial } from './protocol/tls.js';
-import { JwtVerifier } from './auth/jwt.js';
+import { backendTlsOptions, type ServerTlsMaterial } from './protocol/tls.js';
 import { HttpGateway } from './http/gateway.js';
 import { ServerConnection } from './pool/server-connection.js';
 import { CancelRegistry } from './session/cancel.js';
@@ -87,13 +86,11 @@ export class ProxyServer {
   private tlsMaterial: ServerTlsMaterial | null = null;
   private gateway: HttpGateway | null = null;
 
-  /** (Re-)reads the certificate and the JWT keys; config load has already checked that both work. */
+  /** The certificate and JWT keys config load read and checked (a reload brings freshly read ones). */
   private loadIdentityMaterial(loaded: LoadedConfig): void {
-    const c = loaded.config;
-    this.tlsMaterial = c.tls !== undefined && c.tls.mode !== 'disable' ? serverTlsContext(c.tls, loaded.baseDir) : null;
-    this.ctx.tls = this.tlsMaterial?.context ?? null;
-    const jwt = c.multi_tenancy.identification.jwt;
-    this.ctx.jwt = jwt !== undefined ? new JwtVerifier(jwt, loaded.baseDir) : null;
+    this.tlsMaterial = loaded.tls;
+    this.ctx.tls = loaded.tls?.context ?? null;
+    this.ctx.jwt = loaded.jwt;
   }
 
   static async start(loaded: LoadedConfig, opts: StartOptions = {}): Promise<ProxyServer> {
@@ -248,19 +245,25 @@ export class ProxyServer {
     c.admin_address = prev.admin_address;
     c.backend_tls = prev.backend_tls;
     c.admin_tls = prev.admin_tls;
-    if (restartRequired.includes('http_gateway (adding or removing it, listen_address, tls)')) c.http_gateway = prev.http_gateway;
+    if (restartRequired.includes('http_gateway (adding or removing it, listen_address, tls)')) {
+      // The listener stays as it is; keys, role and limits still take their new values.
+      if (pg === undefined || ng === undefined) c.http_gateway = prev.http_gateway;
+      else c.http_gateway = { ...ng, listen_address: pg.listen_address, tls: pg.tls };
+    }
     const keepNode = primaryNode(c);
     keepNode.host = pn.host;
     keepNode.port = pn.port;
     if (restartRequired.includes('auth (adding or removing the [auth] section)')) c.auth = prev.auth;
     else this.ctx.credentials.reloadFile(c.auth, next.baseDir);
 
-    if (c.tls === undefined && prev.tls !== undefined && (this.gateway !== null && prev.http_gateway?.tls || prev.admin_tls)) {
+    let material: LoadedConfig = next;
+    if ((c.tls === undefined || c.tls.mode === 'disable') && this.tlsMaterial !== null && ((this.gateway !== null && c.http_gateway?.tls) || c.admin_tls)) {
       // An HTTPS listener cannot lose its certificate under way.
       c.tls = prev.tls;
+      material = { ...next, tls: this.tlsMaterial };
       restartRequired.push('tls (removing it while an HTTPS listener uses it)');
     }
-    this.loadIdentityMaterial({ ...next, config: c });
+    this.loadIdentityMaterial(material);
     if (this.tlsMaterial !== null) {
       if (c.http_gateway?.tls) this.gateway?.setTls(this.tlsMaterial);
       if (c.admin_tls) this.admin?.setTls(this.tlsMaterial);

@@ -663,7 +663,9 @@ describe('admin API routes, metrics and Prometheus (in-process proxy, admin on)'
       const m0 = await tenantMetrics(admin, 'acme');
       const err = await failure(acme.client.query('SELECT 1/0'));
       assert.equal(err.code, '22012');
-      const m1 = await tenantMetrics(admin, 'acme');
+      // node-postgres rejects at the ErrorResponse; the request's latency is recorded at the ReadyForQuery after it.
+      let m1 = await tenantMetrics(admin, 'acme');
+      await eventually(async () => (m1 = await tenantMetrics(admin, 'acme')).latency.count > m0.latency.count, 2000, 'the latency sample');
       assert.equal(m1.errors - m0.errors, 1);
       assert.equal(m1.queries - m0.queries, 1);
       assert.equal(m1.latency.count - m0.latency.count, 1);

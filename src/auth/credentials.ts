@@ -65,10 +65,6 @@ export class CredentialStore {
     this.authQuery = runner;
   }
 
-  inAuthFile(role: string): boolean {
-    return this.fileSecrets.has(role);
-  }
-
   /** The auth_user's own secret, always from auth_file (as in PgBouncer). */
   authUserSecret(): Secret | null {
     const user = this.auth?.auth_user;

@@ -58,8 +58,19 @@ export class JwtVerifier {
     } else {
       const path = resolve(baseDir, config.jwks_file!);
       let jwks: JSONWebKeySet;
+      let text: string;
       try {
-        jwks = JSON.parse(readFileSync(path, 'utf8')) as JSONWebKeySet;
+        text = readFileSync(path, 'utf8');
+      } catch (err) {
+        throw new Error(`multi_tenancy.identification.jwt.jwks_file: cannot read ${path}: ${(err as NodeJS.ErrnoException).code ?? 'error'}`);
+      }
+      try {
+        // JSON.parse's message quotes the text around the error: the file's keys must not reach logs.
+        jwks = JSON.parse(text) as JSONWebKeySet;
+      } catch {
+        throw new Error(`multi_tenancy.identification.jwt.jwks_file: ${path} is not valid JSON`);
+      }
+      try {
         if (!Array.isArray(jwks.keys) || jwks.keys.length === 0) throw new Error('no "keys" array');
         this.key = createLocalJWKSet(jwks);
       } catch (err) {
@@ -87,6 +98,8 @@ export class JwtVerifier {
       const options = {
         algorithms: this.algorithms,
         clockTolerance: this.config.clock_skew_secs,
+        // A token that never expires is a password that can never be revoked.
+        requiredClaims: ['exp'],
         ...(this.config.issuer !== undefined ? { issuer: this.config.issuer } : {}),
         ...(this.config.audience !== undefined ? { audience: this.config.audience } : {}),
       };
@@ -108,7 +121,8 @@ function refusal(err: unknown): TokenRefused {
   if (err instanceof errors.JWTExpired) return new TokenRefused('28P01', 'token has expired');
   if (err instanceof errors.JWTClaimValidationFailed) {
     const what =
-      err.claim === 'nbf' ? 'token is not valid yet (nbf)'
+      err.claim === 'exp' ? 'token has no expiry (exp)'
+      : err.claim === 'nbf' ? 'token is not valid yet (nbf)'
       : err.claim === 'iss' ? 'token issuer is not accepted'
       : err.claim === 'aud' ? 'token audience is not accepted'
       : err.claim === 'iat' ? 'token issued-at time is not acceptable'

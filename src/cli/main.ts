@@ -98,7 +98,12 @@ async function run(argv: string[]): Promise<number> {
   const proxy = await ProxyServer.start(loaded, listen === undefined ? {} : { listen });
   process.on('SIGHUP', () => {
     proxy.log.info('SIGHUP: reloading configuration');
-    proxy.reload();
+    try {
+      proxy.reload();
+    } catch (err) {
+      // A signal handler that throws would end the process: the running configuration stays instead.
+      proxy.log.error({ err: err instanceof Error ? err.stack : String(err) }, 'reload failed unexpectedly');
+    }
   });
   await new Promise<void>((resolve) => {
     const stop = (signal: string): void => {

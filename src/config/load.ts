@@ -5,7 +5,7 @@ import { dirname, resolve } from 'node:path';
 import { parse as parseToml, TomlError } from 'smol-toml';
 import { z } from 'zod';
 import { JwtVerifier } from '../auth/jwt.js';
-import { backendTlsOptions, serverTlsContext } from '../protocol/tls.js';
+import { backendTlsOptions, serverTlsContext, type ServerTlsMaterial } from '../protocol/tls.js';
 import { ConfigSchema, type Config } from './schema.js';
 
 export class ConfigError extends Error {
@@ -25,6 +25,10 @@ export interface LoadedConfig {
   baseDir: string;
   /** The file it came from (what a reload re-reads); absent for configs parsed from text. */
   path?: string;
+  /** [tls]'s certificate and key as read at load (null when TLS is off). */
+  tls: ServerTlsMaterial | null;
+  /** The JWT verifier built from [multi_tenancy.identification.jwt] (null when absent). */
+  jwt: JwtVerifier | null;
 }
 
 function keyPath(path: readonly PropertyKey[]): string {
@@ -60,9 +64,10 @@ export function parseConfig(text: string, source = 'proxy.toml', baseDir = proce
     throw new ConfigError(source, result.error.issues.flatMap((i) => describeIssue(i).split('\n')));
   }
   const config = result.data;
-  const problems = crossChecks(config, baseDir);
+  const material: Material = { tls: null, jwt: null };
+  const problems = crossChecks(config, baseDir, material);
   if (problems.length > 0) throw new ConfigError(source, problems);
-  return { config, notEnforced: notEnforcedKeys(raw as Record<string, unknown>, config), baseDir };
+  return { config, notEnforced: notEnforcedKeys(raw as Record<string, unknown>, config), baseDir, ...material };
 }
 
 export function loadConfigFile(path: string): LoadedConfig {
@@ -75,7 +80,13 @@ export function loadConfigFile(path: string): LoadedConfig {
   return { ...parseConfig(text, path, dirname(resolve(path))), path: resolve(path) };
 }
 
-function crossChecks(c: Config, baseDir: string): string[] {
+/** Files read while checking, kept so what was checked is what runs (a reload never re-reads them). */
+interface Material {
+  tls: ServerTlsMaterial | null;
+  jwt: JwtVerifier | null;
+}
+
+function crossChecks(c: Config, baseDir: string, out: Material): string[] {
   const problems: string[] = [];
   const primaries = c.nodes.filter((n) => n.role === 'primary' && n.enabled);
   if (primaries.length !== 1) {
@@ -116,13 +127,18 @@ function crossChecks(c: Config, baseDir: string): string[] {
   const gw = c.http_gateway;
   if (idn.jwt !== undefined) {
     try {
-      new JwtVerifier(idn.jwt, baseDir);
+      out.jwt = new JwtVerifier(idn.jwt, baseDir);
     } catch (err) {
       problems.push((err as Error).message);
     }
   }
   if (idn.method === 'jwt_claim') {
     if (idn.jwt === undefined) problems.push('multi_tenancy.identification.jwt: required with method = "jwt_claim" (claim and key)');
+    else if (idn.jwt.allowed_roles === undefined) {
+      problems.push('multi_tenancy.identification.jwt.allowed_roles: required with method = "jwt_claim": list the backend roles a token holder may log in as (a token proves a tenant, not a role)');
+    } else if (c.auth?.auth_user !== undefined && idn.jwt.allowed_roles.includes(c.auth.auth_user)) {
+      problems.push(`multi_tenancy.identification.jwt.allowed_roles: "${c.auth.auth_user}" is auth.auth_user, which reads every password; it may not be a token role`);
+    }
     if (c.auth?.auth_file === undefined) {
       problems.push('multi_tenancy.identification.method: "jwt_claim" needs auth.auth_file with the backend roles\' passwords (a token proves the tenant, not a PostgreSQL password)');
     }
@@ -144,6 +160,7 @@ function crossChecks(c: Config, baseDir: string): string[] {
       problems.push(`http_gateway.listen_address: ${gw.listen_address} is already used by another listener`);
     }
     if (gw.tls && (c.tls?.cert_file === undefined || c.tls.mode === 'disable')) problems.push('http_gateway.tls: needs [tls] with cert_file and key_file');
+    if (c.auth?.auth_user !== undefined && gw.role === c.auth.auth_user) problems.push(`http_gateway.role: "${gw.role}" is auth.auth_user, which reads every password; use a role of the application`);
   }
   if (c.admin_tls && (c.tls?.cert_file === undefined || c.tls.mode === 'disable')) problems.push('admin_tls: needs [tls] with cert_file and key_file');
   if (c.tls !== undefined && c.tls.mode !== 'disable') {
@@ -151,7 +168,7 @@ function crossChecks(c: Config, baseDir: string): string[] {
       problems.push(`tls: mode = "${c.tls.mode}" needs cert_file and key_file`);
     } else {
       try {
-        serverTlsContext(c.tls, baseDir);
+        out.tls = serverTlsContext(c.tls, baseDir);
       } catch (err) {
         problems.push(`tls: ${(err as Error).message}`);
       }

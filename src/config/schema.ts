@@ -156,7 +156,7 @@ export const JwtSchema = z.strictObject({
   clock_skew_secs: secs.default(30),
   /** Allow-list; `none` is never accepted. Default: the algorithms the configured key can verify. */
   algorithms: z.array(z.enum(JWT_ALGORITHMS)).min(1).optional(),
-  /** Backend roles a token holder may log in as (wire). Default: any role with a secret in auth_file but auth_user. */
+  /** Backend roles a token holder may log in as (wire logins; required with method = "jwt_claim"). */
   allowed_roles: z.array(z.string().min(1)).min(1).optional(),
 });
 
@@ -206,7 +206,11 @@ export const HttpGatewaySchema = z.strictObject({
   /** Backend role requests run as; its secret comes from [auth] (see docs/configuration.md). */
   role: z.string().min(1),
   max_body_bytes: posInt.default(1_048_576),
+  /** Cap on a response's row data: results are built in memory, so this bounds what one request can hold. */
+  max_response_bytes: posInt.default(10_485_760),
   request_timeout_secs: posInt.default(30),
+  /** Accept credentials over plain HTTP from non-loopback clients (only behind a TLS-terminating proxy). */
+  allow_plaintext_remote: z.boolean().default(false),
   /** Serve HTTPS with [tls]'s certificate. */
   tls: z.boolean().default(false),
 });

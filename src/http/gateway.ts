@@ -12,6 +12,7 @@ import type { HttpGatewayConfig } from '../config/schema.js';
 import { MessageFramer, type FrameSink } from '../protocol/framer.js';
 import {
   bindText,
+  copyFail,
   decodeErrorFields,
   describePortal,
   execute,
@@ -27,12 +28,17 @@ import type { ServerTlsMaterial } from '../protocol/tls.js';
 import type { ProxyServer } from '../server.js';
 import { ClientSession } from '../session/client-session.js';
 import { IdentifyError, type Identity } from '../tenancy/registry.js';
+
+function isLoopback(addr: string | undefined): boolean {
+  return addr !== undefined && (addr === '::1' || addr.startsWith('127.') || addr.startsWith('::ffff:127.'));
+}
 import { listenHttp, type HttpListener } from './listen.js';
 
 const JsonValue: z.ZodType<unknown> = z.unknown();
 const QuerySchema = z.strictObject({
   query: z.string().min(1),
-  params: z.array(JsonValue).default([]),
+  // The Bind message counts parameters in 16 bits.
+  params: z.array(JsonValue).max(32767).default([]),
 });
 const QueryRequest = QuerySchema.extend({ arrayMode: z.boolean().default(false) });
 const TransactionRequest = z.strictObject({
@@ -72,21 +78,32 @@ function statusFor(code: string): number {
   if (code === '42501' || code === '25006') return 403;
   if (code === '53400' || code === '53300') return 429;
   if (code === '57014') return 504;
-  if (code.startsWith('08') || code === '57P01' || code === '57P03') return 503;
-  if (code === 'XX000') return 500;
+  if (code === '40001' || code === '40P01') return 409; // serialization failure, deadlock: retry
+  if (code.startsWith('08') || code.startsWith('57P') || code === '53100' || code === '53200') return 503;
+  if (code.startsWith('58') || code.startsWith('XX')) return 500;
   return 400;
 }
 
-/** Two ends of an in-process byte stream: what one writes, the other reads. */
-function streamPair(remote: { address: string | undefined; port: number | undefined }): [Duplex, Duplex & { remoteAddress?: string; remotePort?: number }] {
-  let a: Duplex | null = null;
-  let b: Duplex | null = null;
-  const make = (peer: () => Duplex): Duplex =>
-    new Duplex({
-      read() {},
+/**
+ * Two ends of an in-process byte stream: what one writes, the other reads. A write completes only once
+ * the reader has room, so a slow reader pauses the writer (the session then pauses its backend).
+ */
+type End = Duplex & { remoteAddress?: string; remotePort?: number; releaseWriter?: (() => void) | null };
+
+function streamPair(remote: { address: string | undefined; port: number | undefined }): [End, End] {
+  const ends: End[] = [];
+  const make = (peer: () => End): End => {
+    const end: End = new Duplex({
+      read() {
+        const release = end.releaseWriter;
+        end.releaseWriter = null;
+        release?.();
+      },
       write(chunk: Buffer, _enc, cb) {
-        peer().push(chunk);
-        cb();
+        const p = peer();
+        if (p.destroyed) return cb();
+        if (p.push(chunk)) cb();
+        else p.releaseWriter = cb;
       },
       final(cb) {
         peer().push(null);
@@ -95,13 +112,17 @@ function streamPair(remote: { address: string | undefined; port: number | undefi
       destroy(err, cb) {
         const p = peer();
         if (!p.destroyed) p.destroy();
+        const release = end.releaseWriter;
+        end.releaseWriter = null;
+        release?.();
         cb(err);
       },
     });
-  a = make(() => b!);
-  b = make(() => a!);
-  Object.assign(b, { remoteAddress: remote.address, remotePort: remote.port });
-  return [a, b];
+    return end;
+  };
+  ends.push(make(() => ends[1]!), make(() => ends[0]!));
+  Object.assign(ends[1]!, { remoteAddress: remote.address, remotePort: remote.port });
+  return [ends[0]!, ends[1]!];
 }
 
 /**
@@ -114,14 +135,23 @@ class GatewayClient implements FrameSink {
   private closedWith: HttpFailure | null = null;
   private current: StatementResult = { command: '', rowCount: null, fields: [], rows: [], rowAsArray: false };
   private error: HttpFailure | null = null;
+  /** The gateway ended a COPY FROM STDIN itself: PostgreSQL's "COPY from stdin failed" is not the caller's timeout. */
+  private copyRefused = false;
   pid = 0;
   secret = 0;
   txStatus = 'I';
 
+  /** Row bytes held for the response so far, against http_gateway.max_response_bytes. */
+  private held = 0;
+  /** Called once when the response outgrows its cap (the request is then abandoned). */
+  onTooLarge: (() => void) | null = null;
+
   constructor(
     private readonly stream: Duplex,
     private readonly arrayMode: boolean,
+    private readonly maxResponseBytes: number,
   ) {
+    stream.on('error', () => undefined); // an in-process stream has no I/O to fail; destroy() is the only end
     stream.on('data', (chunk: Buffer) => {
       try {
         this.framer.feed(chunk, this);
@@ -168,6 +198,14 @@ class GatewayClient implements FrameSink {
         break;
       }
       case Msg.DataRow: {
+        this.held += end - start;
+        if (this.held > this.maxResponseBytes) {
+          if (this.error === null) {
+            this.error = new HttpFailure(413, '54000', `result is larger than http_gateway.max_response_bytes (${this.maxResponseBytes})`);
+            this.onTooLarge?.();
+          }
+          break;
+        }
         const n = buf.readInt16BE(start + 5);
         let o = start + 7;
         const values: (string | null)[] = [];
@@ -204,11 +242,22 @@ class GatewayClient implements FrameSink {
           const v = f.get(k);
           if (v !== undefined) extra[name] = v;
         }
-        const failure = new HttpFailure(statusFor(code), code, f.get('M') ?? 'error', extra);
-        if (f.get('S') === 'FATAL') this.closedWith ??= failure;
+        const retry = code === '53400' ? /Retry after (\d+) ms/.exec(f.get('D') ?? '') : null;
+        const headers: Record<string, string> = retry !== null ? { 'retry-after': String(Math.max(1, Math.ceil(Number(retry[1]) / 1000))) } : {};
+        const failure = this.copyRefused
+          ? new HttpFailure(400, '0A000', 'COPY FROM STDIN is not available over HTTP; use INSERT with parameters')
+          : new HttpFailure(statusFor(code), code, f.get('M') ?? 'error', extra, headers);
+        this.copyRefused = false;
+        if ((f.get('V') ?? f.get('S')) === 'FATAL') this.closedWith ??= failure;
         this.error ??= failure;
         break;
       }
+      case Msg.CopyInResponse:
+        this.copyRefused = true;
+        // Nothing to send: end the COPY at once rather than leave the backend waiting for data.
+        // PostgreSQL ignores the Sync sent before copy-in began, so the CopyFail needs one of its own.
+        this.stream.write(Buffer.concat([copyFail('COPY FROM STDIN is not available over HTTP'), SYNC]));
+        break;
       case Msg.BackendKeyData:
         this.pid = buf.readInt32BE(start + 5);
         this.secret = buf.readInt32BE(start + 9);
@@ -296,6 +345,10 @@ export class HttpGateway {
     const path = (req.url ?? '/').split('?')[0];
     if (path !== '/v1/query' && path !== '/v1/transaction') throw new HttpFailure(404, '42704', `no such endpoint: ${path}`);
     if (req.method !== 'POST') throw new HttpFailure(405, '0A000', `${path} takes POST`, {}, { allow: 'POST' });
+    const encrypted = (req.socket as { encrypted?: boolean }).encrypted === true;
+    if (!encrypted && !isLoopback(req.socket.remoteAddress) && !this.config.allow_plaintext_remote) {
+      throw new HttpFailure(403, '28000', 'credentials are accepted only over HTTPS or from loopback', { hint: 'Set http_gateway.tls = true (or allow_plaintext_remote behind a TLS-terminating proxy).' });
+    }
     // Who is asking is settled before the body is read: unauthenticated callers cannot make the proxy buffer.
     const identity = await this.identify(req);
     const body = await this.readBody(req);
@@ -314,6 +367,14 @@ export class HttpGateway {
     }
     const parsed = TransactionRequest.safeParse(json);
     if (!parsed.success) throw new HttpFailure(400, '08P01', `bad request body: ${parsed.error.issues.map((i) => `${i.path.join('.') || '(body)'}: ${i.message}`).join('; ')}`);
+    parsed.data.queries.forEach((q, i) => {
+      // All or nothing holds only if no query ends the transaction itself (COMMIT, ROLLBACK, AND CHAIN,
+      // PREPARE TRANSACTION): refused before anything runs.
+      const facts = this.proxy.ctx.statements.lookup(q.query);
+      if (Array.isArray(facts) && facts.some((f) => f.kind === 'TransactionStmt')) {
+        throw new HttpFailure(400, '25000', `query ${i} is a transaction control statement; /v1/transaction issues BEGIN and COMMIT itself`, { query: String(i) });
+      }
+    });
     const results = await this.withSession(req, identity, parsed.data.arrayMode, async (c) => {
       await c.roundTrip(query('BEGIN'));
       const out: StatementResult[] = [];
@@ -326,8 +387,8 @@ export class HttpGateway {
           throw err;
         }
         if (c.txStatus !== 'T') {
-          // The statement ended the transaction itself (COMMIT/ROLLBACK in the list): all-or-nothing is gone.
-          throw new HttpFailure(400, '25000', `query ${i} ended the transaction; /v1/transaction manages BEGIN and COMMIT itself`);
+          // Unreachable with transaction statements refused above; kept so a surprise can never pass as success.
+          throw new HttpFailure(500, 'XX000', `query ${i} ended the transaction unexpectedly`);
         }
       }
       const commit = await c.roundTrip(query('COMMIT'));
@@ -398,31 +459,38 @@ export class HttpGateway {
    */
   private async withSession<T>(req: IncomingMessage, identity: Identity, arrayMode: boolean, work: (c: GatewayClient) => Promise<T>): Promise<T> {
     const ctx = this.proxy.ctx;
+    const gw = this.config;
     if (ctx.shuttingDown) throw new HttpFailure(503, '57P01', 'the proxy is shutting down');
     const [mine, theirs] = streamPair({ address: req.socket.remoteAddress, port: req.socket.remotePort });
     const session = new ClientSession(theirs, ctx, identity);
     ctx.sessions.add(session);
-    const client = new GatewayClient(mine, arrayMode);
-    let timedOut = false;
-    const cancel = (): void => {
+    const client = new GatewayClient(mine, arrayMode, gw.max_response_bytes);
+    let abandoned: HttpFailure | null = null;
+    // Abandoning destroys the stream: the session's cleanup cancels what runs and closes or resets its backend.
+    const abandon = (why: HttpFailure): void => {
+      abandoned ??= why;
       if (client.pid !== 0) ctx.cancels.cancel(client.pid, client.secret);
-    };
-    const timer = setTimeout(() => {
-      timedOut = true;
-      cancel();
-    }, this.config.request_timeout_secs * 1000);
-    const onAbort = (): void => {
-      cancel();
       mine.destroy();
     };
+    client.onTooLarge = () => abandon(new HttpFailure(413, '54000', `result is larger than http_gateway.max_response_bytes (${gw.max_response_bytes})`));
+    const timeout = new HttpFailure(504, '57014', `canceling statement due to http_gateway.request_timeout_secs (${gw.request_timeout_secs} s)`);
+    const timer = setTimeout(() => abandon(timeout), gw.request_timeout_secs * 1000);
+    const onAbort = (): void => abandon(new HttpFailure(499, '57014', 'client closed the request'));
     req.socket.once('close', onAbort);
     try {
-      await client.roundTrip(startupMessage({ user: identity.clientUser, database: identity.tenant.database, application_name: 'heliosproxy-http' }));
+      try {
+        await client.roundTrip(startupMessage({ user: identity.clientUser, database: identity.tenant.database, application_name: 'heliosproxy-http' }));
+      } catch (err) {
+        // The caller was authorized already: a login refused by the backend is the proxy's configuration.
+        if (err instanceof HttpFailure && err.code.startsWith('28')) {
+          this.proxy.log.error({ role: identity.role, code: err.code, reason: err.message }, 'http_gateway backend login failed');
+          throw new HttpFailure(500, err.code, `the backend refused the proxy's login as "${identity.role}"`);
+        }
+        throw err;
+      }
       return await work(client);
     } catch (err) {
-      if (timedOut && err instanceof HttpFailure && err.code === '57014') {
-        throw new HttpFailure(504, '57014', `canceling statement due to http_gateway.request_timeout_secs (${this.config.request_timeout_secs} s)`);
-      }
+      if (abandoned !== null) throw abandoned;
       throw err;
     } finally {
       clearTimeout(timer);

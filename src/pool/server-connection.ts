@@ -168,7 +168,9 @@ export class ServerConnection implements FrameSink {
           const plain = socket;
           plain.removeAllListeners('error');
           plain.removeAllListeners('close');
-          const secure = tlsConnect({ ...tls.options, socket: plain, servername: isIP(target.host) === 0 ? target.host : undefined });
+          // host: what verify-full checks the certificate against (an IP address against its IP SANs);
+          // servername (SNI) only for names, as TLS forbids addresses there.
+          const secure = tlsConnect({ ...tls.options, socket: plain, host: target.host, ...(isIP(target.host) === 0 ? { servername: target.host } : {}) });
           socket = secure;
           secure.on('error', (err) => fail(new BackendUnavailable(`TLS with backend ${where} failed: ${err.message}`)));
           secure.once('close', () => fail(new BackendUnavailable(`connection to ${where} closed during login`)));

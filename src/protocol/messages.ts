@@ -232,6 +232,10 @@ export function bindText(portal: string, statement: string, params: (string | nu
   return w.int16(0).done();
 }
 
+export function copyFail(message: string): Buffer {
+  return writer(Msg.CopyFail).cstring(message).done();
+}
+
 export function describePortal(portal: string): Buffer {
   return writer(Msg.Describe).byte(0x50).cstring(portal).done();
 }

@@ -370,6 +370,11 @@ export class ClientSession implements ServerRelay {
     this.pool = this.ctx.pools.poolFor(identity.tenant, identity.role);
 
     const verified = this.preauthenticated !== null || byToken ? null : await this.authenticate(identity);
+    if (this.cleanedUp) {
+      // The client left while its login was being checked: nothing may be counted or held for it.
+      if (verified !== null) this.pool.release(verified, true, identity.tenant);
+      return;
+    }
     try {
       identity.tenant = this.ctx.tenants.confirm(identity.tenant);
     } catch (err) {
@@ -398,6 +403,10 @@ export class ClientSession implements ServerRelay {
     } catch (err) {
       this.pool.release(server, false, tenant);
       throw err;
+    }
+    if (this.cleanedUp) {
+      this.pool.release(server, true, tenant);
+      return;
     }
 
     this.cancelKey = this.ctx.cancels.register(this);
@@ -488,8 +497,8 @@ export class ClientSession implements ServerRelay {
   private async checkTokenRole(role: string): Promise<void> {
     const creds = this.ctx.credentials;
     const allowed = this.ctx.config.multi_tenancy.identification.jwt?.allowed_roles;
-    const permitted = allowed !== undefined ? allowed.includes(role) : role !== creds.authUser && creds.inAuthFile(role);
-    if (!permitted) throw new LoginRefused({ code: '28000', message: `role "${role}" may not log in with a token` });
+    // Config load makes allowed_roles required for jwt_claim; absent, nothing is permitted.
+    if (allowed === undefined || !allowed.includes(role)) throw new LoginRefused({ code: '28000', message: `role "${role}" may not log in with a token` });
     await creds.lookup(role);
     if (creds.backendSecret(role) === null) {
       throw new LoginRefused({
@@ -649,7 +658,8 @@ export class ClientSession implements ServerRelay {
     if (server.socket.isPaused()) server.socket.resume();
     const pool = this.pool!;
     const tenant = this.identity!.tenant;
-    server.whenNoCancelPending(() => pool.release(server, reusable, tenant));
+    if (server.cancelsInFlight === 0) pool.release(server, reusable, tenant);
+    else server.whenNoCancelPending(() => pool.release(server, reusable, tenant));
   }
 
   // ── client messages in the ready phase ─────────────────────────────────────────────
@@ -1020,9 +1030,12 @@ export class ClientSession implements ServerRelay {
         this.statementStarted();
         break;
       case Msg.Sync:
-        // During COPY FROM STDIN the backend ignores Sync: no ReadyForQuery will answer it.
-        if (!this.copyIn) this.expect.push(Expect.Sync);
-        this.awaitingSync = false;
+        // During COPY FROM STDIN the backend ignores Sync: no ReadyForQuery will answer it, and a COPY run
+        // by Execute still needs a Sync after its CopyDone/CopyFail.
+        if (!this.copyIn) {
+          this.expect.push(Expect.Sync);
+          this.awaitingSync = false;
+        }
         break;
       case Msg.FunctionCall:
         this.expect.push(Expect.Sync);
@@ -1259,7 +1272,8 @@ export class ClientSession implements ServerRelay {
     const b = this.toServerBuf;
     if (b === null) return;
     this.toServerBuf = null;
-    this.writeServer(b.subarray(this.toServerStart, this.toServerEnd));
+    // The common case is a whole chunk passed through: no view to allocate.
+    this.writeServer(this.toServerStart === 0 && this.toServerEnd === b.length ? b : b.subarray(this.toServerStart, this.toServerEnd));
   }
 
   private writeServer(data: Buffer): void {
@@ -1294,7 +1308,7 @@ export class ClientSession implements ServerRelay {
     const b = this.toClientBuf;
     if (b === null) return;
     this.toClientBuf = null;
-    this.writeClient(b.subarray(this.toClientStart, this.toClientEnd));
+    this.writeClient(this.toClientStart === 0 && this.toClientEnd === b.length ? b : b.subarray(this.toClientStart, this.toClientEnd));
   }
 
   private writeClient(data: Buffer): void {
@@ -1387,6 +1401,8 @@ export class ClientSession implements ServerRelay {
       case Msg.CopyInResponse:
         // Syncs the client sent before its data will be ignored by the backend (protocol: copy-in mode).
         this.copyIn = true;
+        // Started by Execute: the backend will want a Sync after the copy (the ones sent so far are ignored).
+        if (this.expect.peek() === Expect.Execute) this.awaitingSync = true;
         this.expect.dropSyncsAfterHead();
         this.toClient(buf, start, end);
         return;

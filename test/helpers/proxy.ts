@@ -2,11 +2,11 @@
 // with the primary pointed at that cluster, free ports, and any changes a test needs (as TOML text edits
 // or as a patch of the parsed config).
 import assert from 'node:assert/strict';
-import { readFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import pg from 'pg';
-import { parseConfig, primaryNode, type LoadedConfig } from '../../src/config/load.js';
+import { loadConfigFile, parseConfig, primaryNode, type LoadedConfig } from '../../src/config/load.js';
 import type { Config } from '../../src/config/schema.js';
 import { ProxyServer, silentLogger } from '../../src/server.js';
 import { testPg } from './pg.js';
@@ -96,6 +96,29 @@ export async function startProxy(opts: ProxyOptions = {}): Promise<TestProxy> {
     },
     close: () => proxy.close(),
   };
+}
+
+/**
+ * Writes a config file for reload tests (ProxyServer.reload() re-reads the file it started from): the
+ * reference TOML, transformed by `toml`, with the primary pointed at the test cluster and logs kept silent
+ * (log_level is reloadable: without it a reload would switch the test logger to "info").
+ */
+export function writeConfigFile(path: string, toml: (text: string) => string = (t) => t): void {
+  const db = testPg();
+  let text = toml(REFERENCE_TOML);
+  text = text.replace(/^port\s*=\s*5432$/m, `port = ${db.port}`).replace(/^host\s*=\s*"127\.0\.0\.1"/m, `host = ${JSON.stringify(db.host)}`);
+  writeFileSync(path, `log_level = "${process.env.HELIOS_LOG_LEVEL ?? 'silent'}"\n${text}`);
+}
+
+/** Starts a proxy from a config file written by writeConfigFile, on free ports of `host`. */
+export function startFromFile(path: string, opts: { admin?: boolean; gateway?: boolean; host?: string } = {}): Promise<ProxyServer> {
+  const host = opts.host ?? '127.0.0.1';
+  return ProxyServer.start(loadConfigFile(path), {
+    logger: silentLogger(),
+    listen: { host, port: 0 },
+    admin: opts.admin ? { host: '127.0.0.1', port: 0 } : null,
+    gateway: opts.gateway ? { host: '127.0.0.1', port: 0 } : null,
+  });
 }
 
 /** Runs SQL directly against the test cluster as the superuser through node-postgres. */
