@@ -133,7 +133,7 @@ export class ProxyServer {
       }
     }
     const node = primaryNode(loaded.config);
-    log.info({ listen: `${proxy.host}:${proxy.port}`, admin: proxy.admin?.address ?? null, http: proxy.gateway?.address ?? null, tls: loaded.config.tls?.mode ?? 'disable', backend: `${node.host}:${node.port}`, mode: loaded.config.pool_mode.mode }, 'heliosproxy listening');
+    log.info({ listen: `${proxy.host}:${proxy.port}`, admin: proxy.admin?.listener.address ?? null, http: proxy.gateway?.listener.address ?? null, tls: loaded.config.tls?.mode ?? 'disable', backend: `${node.host}:${node.port}`, mode: loaded.config.pool_mode.mode }, 'heliosproxy listening');
     return proxy;
   }
 
@@ -142,11 +142,11 @@ export class ProxyServer {
   }
 
   get adminPort(): number | null {
-    return this.admin?.port ?? null;
+    return this.admin?.listener.port ?? null;
   }
 
   get gatewayPort(): number | null {
-    return this.gateway?.port ?? null;
+    return this.gateway?.listener.port ?? null;
   }
 
   private accept(socket: Socket): void {
@@ -265,8 +265,8 @@ export class ProxyServer {
     }
     this.loadIdentityMaterial(material);
     if (this.tlsMaterial !== null) {
-      if (c.http_gateway?.tls) this.gateway?.setTls(this.tlsMaterial);
-      if (c.admin_tls) this.admin?.setTls(this.tlsMaterial);
+      if (c.http_gateway?.tls) this.gateway?.listener.setTls(this.tlsMaterial);
+      if (c.admin_tls) this.admin?.listener.setTls(this.tlsMaterial);
     }
 
     const tenants = this.ctx.tenants.reconfigure(c.multi_tenancy);
@@ -303,8 +303,8 @@ export class ProxyServer {
     this.ctx.pools.shutdown();
     this.ctx.metrics.close();
     if (this.authConn !== null) this.authConn.then((c) => c.close(), () => undefined);
-    await this.admin?.close();
-    await this.gateway?.close();
+    await this.admin?.listener.close();
+    await this.gateway?.listener.close();
   }
 
   /** Immediate shutdown (tests): every session ends now. */

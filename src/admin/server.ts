@@ -17,7 +17,7 @@ export class AdminServer {
 
   private constructor(
     private readonly proxy: ProxyServer,
-    private readonly listener: HttpListener,
+    readonly listener: HttpListener,
   ) {}
 
   static async start(proxy: ProxyServer, at: { host: string; port: number }, tls: ServerTlsMaterial | null): Promise<AdminServer> {
@@ -38,18 +38,6 @@ export class AdminServer {
       proxy.log.warn(`WARNING: the admin API listens on ${at.host}:${listener.port} without admin_token: anyone who can reach it can reload, pause and disconnect tenants. Set admin_token.`);
     }
     return admin;
-  }
-
-  get port(): number {
-    return this.listener.port;
-  }
-
-  get address(): string {
-    return this.listener.address;
-  }
-
-  setTls(m: ServerTlsMaterial): void {
-    this.listener.setTls(m);
   }
 
   private authorized(req: IncomingMessage): boolean {
@@ -248,7 +236,4 @@ export class AdminServer {
     res.end(text);
   }
 
-  close(): Promise<void> {
-    return this.listener.close();
-  }
 }

@@ -13,6 +13,7 @@ import { MessageFramer, type FrameSink } from '../protocol/framer.js';
 import {
   bindText,
   copyFail,
+  decodeDataRow,
   decodeErrorFields,
   describePortal,
   execute,
@@ -206,18 +207,7 @@ class GatewayClient implements FrameSink {
           }
           break;
         }
-        const n = buf.readInt16BE(start + 5);
-        let o = start + 7;
-        const values: (string | null)[] = [];
-        for (let i = 0; i < n; i++) {
-          const len = buf.readInt32BE(o);
-          o += 4;
-          if (len < 0) values.push(null);
-          else {
-            values.push(buf.toString('utf8', o, o + len));
-            o += len;
-          }
-        }
+        const values = decodeDataRow(buf, start, end);
         if (this.arrayMode) this.current.rows.push(values);
         else {
           const row: Record<string, string | null> = {};
@@ -296,7 +286,7 @@ function sha256(s: string): Buffer {
 export class HttpGateway {
   private constructor(
     private readonly proxy: ProxyServer,
-    private readonly listener: HttpListener,
+    readonly listener: HttpListener,
   ) {}
 
   static async start(proxy: ProxyServer, at: { host: string; port: number }, tls: ServerTlsMaterial | null): Promise<HttpGateway> {
@@ -306,21 +296,6 @@ export class HttpGateway {
     return gateway;
   }
 
-  get port(): number {
-    return this.listener.port;
-  }
-
-  get address(): string {
-    return this.listener.address;
-  }
-
-  setTls(m: ServerTlsMaterial): void {
-    this.listener.setTls(m);
-  }
-
-  close(): Promise<void> {
-    return this.listener.close();
-  }
 
   private get config(): HttpGatewayConfig {
     return this.proxy.config.http_gateway!;

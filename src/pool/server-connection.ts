@@ -12,6 +12,7 @@ import { MessageFramer, ProtocolViolation, type FrameSink } from '../protocol/fr
 import {
   AuthCode,
   Msg,
+  decodeDataRow,
   decodeErrorFields,
   passwordMessage,
   query,
@@ -363,21 +364,6 @@ export class ServerConnection implements FrameSink {
   }
 }
 
-function decodeDataRow(buf: Buffer, start: number, end: number): (string | null)[] {
-  const n = buf.readInt16BE(start + 5);
-  const row: (string | null)[] = [];
-  let o = start + 7;
-  for (let i = 0; i < n && o <= end; i++) {
-    const len = buf.readInt32BE(o);
-    o += 4;
-    if (len < 0) row.push(null);
-    else {
-      row.push(buf.toString('utf8', o, o + len));
-      o += len;
-    }
-  }
-  return row;
-}
 
 /** The login conversation with a backend, one message at a time. */
 class LoginHandshake {

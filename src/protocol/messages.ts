@@ -258,6 +258,23 @@ export function readCString(buf: Buffer, offset: number, end: number): [string, 
 }
 
 /** Decodes the fields of an ErrorResponse or NoticeResponse (whole message, type byte included). */
+/** A DataRow's values as text (null for NULL): the proxy's own queries and the HTTP gateway ask for text. */
+export function decodeDataRow(buf: Buffer, start: number, end: number): (string | null)[] {
+  const n = buf.readInt16BE(start + 5);
+  const row: (string | null)[] = [];
+  let o = start + 7;
+  for (let i = 0; i < n && o <= end; i++) {
+    const len = buf.readInt32BE(o);
+    o += 4;
+    if (len < 0) row.push(null);
+    else {
+      row.push(buf.toString('utf8', o, o + len));
+      o += len;
+    }
+  }
+  return row;
+}
+
 export function decodeErrorFields(buf: Buffer, start: number, end: number): Map<string, string> {
   const fields = new Map<string, string>();
   let o = start + 5;
