@@ -523,7 +523,7 @@ describe('admin API routes, metrics and Prometheus (in-process proxy, admin on)'
 
     test('GET /tenants/acme/metrics: counters, rejections by reason + total, qps, bucket, latency, live', async () => {
       const m = await tenantMetrics(admin, 'acme');
-      assert.deepEqual(Object.keys(m).sort(), ['backends_in_use', 'bucket_level', 'bytes', 'clients', 'errors', 'latency', 'pool', 'qps', 'queries', 'rejections', 'rows', 'tenant'].sort());
+      assert.deepEqual(Object.keys(m).sort(), ['backends_in_use', 'bucket_level', 'bytes', 'clients', 'errors', 'http', 'latency', 'pool', 'qps', 'queries', 'rejections', 'rows', 'tenant'].sort());
       assert.equal(m.tenant, 'acme');
       assertCounts(m, ['queries', 'errors', 'rows', 'bytes', 'clients', 'backends_in_use'], 'acme metrics');
       assert.ok(m.queries >= 1 && m.rows >= 1 && m.bytes > 0, 'the SELECT 1 above counted');
@@ -562,7 +562,7 @@ describe('admin API routes, metrics and Prometheus (in-process proxy, admin on)'
 
     test('GET /metrics: global JSON (uptime, tenants, clients, counters, rejections, qps, latency, backends, memory)', async () => {
       const g = await globalMetrics(admin);
-      assert.deepEqual(Object.keys(g).sort(), ['backends', 'bytes', 'clients', 'errors', 'latency', 'memory', 'qps', 'queries', 'rejections', 'rows', 'tenants', 'uptime_secs'].sort());
+      assert.deepEqual(Object.keys(g).sort(), ['backends', 'bytes', 'clients', 'errors', 'http', 'latency', 'memory', 'qps', 'queries', 'rejections', 'rows', 'tenants', 'uptime_secs'].sort());
       assertCounts(g, ['uptime_secs', 'tenants', 'clients', 'queries', 'errors', 'rows', 'bytes'], 'global');
       assert.equal(g.tenants, 2);
       assert.ok(g.clients >= 2);

@@ -396,14 +396,18 @@ describe('HTTP gateway: requests and answers', () => {
     assert.equal(ok.body.rows!.length, 50);
   });
 
-  it("HTTP queries count in the tenant's admin metrics (queries, rejections)", async () => {
-    interface M { queries: number; rejections: { isolation: number; total: number } }
+  it("HTTP queries count in the tenant's admin metrics (queries, rejections, http requests)", async () => {
+    interface M { queries: number; rejections: { isolation: number; total: number }; http: { requests: number; failed: number } }
     const before = await adminJson<M>(p, '/tenants/acme/metrics');
     for (let i = 0; i < 5; i++) assert.equal((await post(p, '/v1/query', { query: 'SELECT $1::int AS i', params: [i] }, acme)).status, 200);
     assert.equal((await post(p, '/v1/query', { query: 'SELECT * FROM newclient.orders' }, acme)).status, 403);
     const after = await adminJson<M>(p, '/tenants/acme/metrics');
     assert.equal(after.queries - before.queries, 5);
     assert.equal(after.rejections.isolation - before.rejections.isolation, 1);
+    assert.equal(after.http.requests - before.http.requests, 6);
+    assert.equal(after.http.failed - before.http.failed, 1);
+    const prom = await (await fetch(`http://127.0.0.1:${p.adminPort}/metrics/prometheus`)).text();
+    assert.match(prom, /heliosproxy_http_requests_total\{tenant="acme"\} \d+/);
   });
 
   it('a client that hangs up mid-statement gets its backend query cancelled', async () => {

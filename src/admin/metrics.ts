@@ -81,6 +81,8 @@ export class ProxyMetrics {
     perTenant('heliosproxy_errors_total', 'Errors returned to clients: the backend\'s, and statements the proxy cut short (duration, result limits); refusals are counted in heliosproxy_rejections_total', (t) => t.stats.errors);
     perTenant('heliosproxy_rows_total', 'Result rows returned', (t) => t.stats.rows);
     perTenant('heliosproxy_result_bytes_total', 'Result bytes returned (DataRow and CopyData messages)', (t) => t.stats.bytes);
+    perTenant('heliosproxy_http_requests_total', 'Authorized requests on the HTTP SQL endpoint', (t) => t.stats.httpRequests);
+    perTenant('heliosproxy_http_failed_requests_total', 'Authorized HTTP requests answered with an error status', (t) => t.stats.httpFailed);
     const list = this.tenants;
     new Counter({
       name: 'heliosproxy_rejections_total',

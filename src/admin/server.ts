@@ -166,6 +166,7 @@ export class AdminServer {
       rejections: { ...t.stats.rejections, total: REJECTION_REASONS.reduce((n, r) => n + t.stats.rejections[r], 0) },
       rows: t.stats.rows,
       bytes: t.stats.bytes,
+      http: { requests: t.stats.httpRequests, failed: t.stats.httpFailed },
       qps: this.proxy.ctx.metrics.rateOf(t),
       bucket_level: t.bucket === null ? null : Math.floor(t.bucket.level),
       latency: this.proxy.ctx.metrics.latencySummary(t.id),
@@ -191,6 +192,7 @@ export class AdminServer {
       rejections: { ...rejections, total: Object.values(rejections).reduce((a, b) => a + b, 0) },
       rows: sum((t) => t.stats.rows),
       bytes: sum((t) => t.stats.bytes),
+      http: { requests: sum((t) => t.stats.httpRequests), failed: sum((t) => t.stats.httpFailed) },
       qps: Math.round(tenants.reduce((n, t) => n + this.proxy.ctx.metrics.rateOf(t), 0) * 10) / 10,
       latency: this.proxy.ctx.metrics.latencySummary(null),
       backends: {

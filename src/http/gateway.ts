@@ -326,6 +326,17 @@ export class HttpGateway {
     }
     // Who is asking is settled before the body is read: unauthenticated callers cannot make the proxy buffer.
     const identity = await this.identify(req);
+    try {
+      await this.run(req, res, path, identity);
+    } catch (err) {
+      identity.tenant.stats.httpFailed++;
+      throw err;
+    } finally {
+      identity.tenant.stats.httpRequests++;
+    }
+  }
+
+  private async run(req: IncomingMessage, res: ServerResponse, path: string, identity: Identity): Promise<void> {
     const body = await this.readBody(req);
     let json: unknown;
     try {

@@ -26,6 +26,9 @@ export class TenantStats {
   errors = 0;
   rows = 0;
   bytes = 0;
+  /** Authorized requests on the HTTP endpoint, and those answered with an error status. */
+  httpRequests = 0;
+  httpFailed = 0;
   readonly rejections: Record<RejectionReason, number> = {
     rate_limit: 0,
     permission: 0,
