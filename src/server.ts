@@ -10,7 +10,7 @@ import { ConfigError, loadConfigFile, primaryNode, splitAddress, type LoadedConf
 import type { Config } from './config/schema.js';
 import { bindText, cancelRequest, errorResponse, execute, parse, SYNC } from './protocol/messages.js';
 import { PoolManager } from './pool/manager.js';
-import { backendTlsOptions, type ServerTlsMaterial } from './protocol/tls.js';
+import { backendTlsOptions, type BackendTlsPolicy, type ServerTlsMaterial } from './protocol/tls.js';
 import { HttpGateway } from './http/gateway.js';
 import { ServerConnection } from './pool/server-connection.js';
 import { CancelRegistry } from './session/cancel.js';
@@ -47,9 +47,10 @@ export class ProxyServer {
     const node = primaryNode(config);
     const credentials = new CredentialStore(config.auth, loaded.baseDir);
     const tenants = new TenantRegistry(config.multi_tenancy);
+    this.backendTls = backendTlsOptions(config.backend_tls, loaded.baseDir);
     const pools = new PoolManager(
       config,
-      { host: node.host, port: node.port, tls: backendTlsOptions(config.backend_tls, loaded.baseDir) },
+      { host: node.host, port: node.port, tls: this.backendTls },
       credentials,
       () => tenants.all(),
     );
@@ -84,6 +85,8 @@ export class ProxyServer {
 
   private readonly durationWatch: NodeJS.Timeout;
   private tlsMaterial: ServerTlsMaterial | null = null;
+  /** [backend_tls] as read at start (changing it needs a restart). */
+  private readonly backendTls: BackendTlsPolicy;
   private gateway: HttpGateway | null = null;
 
   /** The certificate and JWT keys config load read and checked (a reload brings freshly read ones). */
@@ -181,8 +184,7 @@ export class ProxyServer {
         const secret = this.ctx.credentials.authUserSecret();
         if (secret === null) throw new Error(`auth.auth_user "${auth.auth_user}" has no entry in auth_file`);
         const node = primaryNode(this.config);
-        const tls = backendTlsOptions(this.config.backend_tls, this.loaded.baseDir);
-        this.authConn = ServerConnection.connect({ host: node.host, port: node.port, database: auth.auth_database, role: auth.auth_user!, tls }, secret, 10_000);
+        this.authConn = ServerConnection.connect({ host: node.host, port: node.port, database: auth.auth_database, role: auth.auth_user!, tls: this.backendTls }, secret, 10_000);
       }
       let conn: ServerConnection;
       try {

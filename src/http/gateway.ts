@@ -25,14 +25,11 @@ import {
   SYNC,
   TERMINATE,
 } from '../protocol/messages.js';
-import type { ServerTlsMaterial } from '../protocol/tls.js';
+import { isLoopback, type ServerTlsMaterial } from '../protocol/tls.js';
 import type { ProxyServer } from '../server.js';
 import { ClientSession } from '../session/client-session.js';
 import { IdentifyError, type Identity } from '../tenancy/registry.js';
 
-function isLoopback(addr: string | undefined): boolean {
-  return addr !== undefined && (addr === '::1' || addr.startsWith('127.') || addr.startsWith('::ffff:127.'));
-}
 import { listenHttp, type HttpListener } from './listen.js';
 
 const JsonValue: z.ZodType<unknown> = z.unknown();
@@ -71,6 +68,10 @@ export interface StatementResult {
   fields: Field[];
   rows: (Record<string, string | null> | (string | null)[])[];
   rowAsArray: boolean;
+}
+
+function badBody(error: z.ZodError): HttpFailure {
+  return new HttpFailure(400, '08P01', `bad request body: ${error.issues.map((i) => `${i.path.join('.') || '(body)'}: ${i.message}`).join('; ')}`);
 }
 
 /** HTTP status for a SQLSTATE (the JSON body carries the SQLSTATE itself). */
@@ -346,13 +347,13 @@ export class HttpGateway {
     }
     if (path === '/v1/query') {
       const parsed = QueryRequest.safeParse(json);
-      if (!parsed.success) throw new HttpFailure(400, '08P01', `bad request body: ${parsed.error.issues.map((i) => `${i.path.join('.') || '(body)'}: ${i.message}`).join('; ')}`);
+      if (!parsed.success) throw badBody(parsed.error);
       const result = await this.withSession(req, identity, parsed.data.arrayMode, (c) => c.roundTrip(statementMessages(parsed.data)));
       this.reply(res, 200, result);
       return;
     }
     const parsed = TransactionRequest.safeParse(json);
-    if (!parsed.success) throw new HttpFailure(400, '08P01', `bad request body: ${parsed.error.issues.map((i) => `${i.path.join('.') || '(body)'}: ${i.message}`).join('; ')}`);
+    if (!parsed.success) throw badBody(parsed.error);
     parsed.data.queries.forEach((q, i) => {
       // All or nothing holds only if no query ends the transaction itself (COMMIT, ROLLBACK, AND CHAIN,
       // PREPARE TRANSACTION): refused before anything runs.

@@ -55,3 +55,8 @@ export function backendTlsOptions(tls: BackendTls | undefined, baseDir: string):
     options: { ...(ca !== undefined ? { ca } : {}), rejectUnauthorized: verify, ...(verify ? {} : { checkServerIdentity: () => undefined }) },
   };
 }
+
+/** Cleartext secrets (passwords in passthrough mode, JWTs, API keys) are accepted only over TLS or from loopback. */
+export function isLoopback(addr: string | undefined): boolean {
+  return addr !== undefined && (addr === '::1' || addr.startsWith('127.') || addr.startsWith('::ffff:127.'));
+}

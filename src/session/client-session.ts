@@ -4,6 +4,7 @@
 // (expect queue: synthesize, drop or forward) → client, and at ReadyForQuery with nothing in flight the
 // backend goes back to its pool (transaction/statement mode).
 import { randomBytes } from 'node:crypto';
+import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import { TLSSocket, type SecureContext } from 'node:tls';
 import type { Logger } from 'pino';
@@ -13,6 +14,7 @@ import { md5Matches, md5Secret } from '../auth/md5.js';
 import { cachedDerive, mockScramKeys, ScramError, ScramServerExchange, type ScramKeys } from '../auth/scram.js';
 import type { Config } from '../config/schema.js';
 import { MessageFramer, ProtocolViolation, StartupFramer, type FrameSink } from '../protocol/framer.js';
+import { isLoopback } from '../protocol/tls.js';
 import {
   AuthCode,
   authentication,
@@ -108,9 +110,6 @@ const NOT_FOLLOWED = new Set(['search_path', 'role', 'session_authorization', 'a
 const RESETS_ALL = /\b(discard\s+all|reset\s+all)\b/i;
 const RESETS_ONE = /\breset\s+([a-z_]+)\b/gi;
 
-function isLoopback(addr: string | undefined): boolean {
-  return addr !== undefined && (addr === '::1' || addr.startsWith('127.') || addr.startsWith('::ffff:127.'));
-}
 
 type Phase = 'startup' | 'auth' | 'ready' | 'closed';
 
@@ -322,10 +321,11 @@ export class ClientSession implements ServerRelay {
       this.fatal({ code: '08P01', message: 'received unencrypted data after SSL request' });
       return;
     }
+    // Only accepted TCP sockets reach here: the HTTP gateway's in-process streams are preauthenticated.
     const raw = this.socket;
     raw.off('data', this.onDataListener);
     raw.write('S');
-    const secure = new TLSSocket(raw as import('node:net').Socket, { isServer: true, secureContext: context });
+    const secure = new TLSSocket(raw as Socket, { isServer: true, secureContext: context });
     this.socket = secure;
     this.encrypted = true;
     secure.on('data', this.onDataListener);
