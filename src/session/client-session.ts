@@ -243,7 +243,10 @@ export class ClientSession implements ServerRelay {
     socket.on('error', (err) => this.log.debug({ err: err.message }, 'client socket error'));
     socket.on('close', () => this.cleanup());
     this.loginTimer = setTimeout(() => {
-      if (this.phase !== 'ready') this.fatal({ code: '08P01', message: 'login timed out' });
+      if (this.phase === 'ready') return;
+      this.fatal({ code: '08P01', message: 'login timed out' });
+      // A client stalled mid TLS handshake never reads the FATAL, and a graceful end would wait on it.
+      setTimeout(() => this.socket.destroy(), 1000).unref();
     }, LOGIN_TIMEOUT_MS);
     this.loginTimer.unref();
   }
