@@ -2,12 +2,18 @@
 // a ConfigError naming the key; and the CLI (check-config, --help, running from a file) behaves as documented.
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { generateKeyPairSync } from 'node:crypto';
+import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { request as httpsRequest } from 'node:https';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { after, describe, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
+import { exportJWK, SignJWT } from 'jose';
+import pg from 'pg';
 import { ConfigError, loadConfigFile, parseConfig } from '../src/config/load.js';
+import { ProxyServer, silentLogger } from '../src/server.js';
+import { testCerts } from './helpers/certs.js';
 import { freePort, runPsql, testPg } from './helpers/pg.js';
 
 const root = dirname(dirname(fileURLToPath(import.meta.url)));
@@ -350,5 +356,52 @@ describe('the heliosproxy CLI (needs `npm run build`)', () => {
     assert.equal(signal, null, `killed by ${signal}; stderr:\n${stderr}`);
     assert.equal(code, 0, stderr);
     assert.match(stdout, /shutting down/);
+  });
+});
+
+describe("the README's TLS / JWT / HTTP endpoint block", () => {
+  test('loads as written, and serves a JWT login over TLS and an HTTPS request', async () => {
+    const readme = readFileSync(join(root, 'README.md'), 'utf8');
+    const section = readme.slice(readme.indexOf('### TLS, JWTs and the HTTP endpoint'));
+    const block = /```toml\n([\s\S]*?)```/.exec(section);
+    assert.ok(block !== null, 'no toml block under "TLS, JWTs and the HTTP endpoint" in the README');
+    // The files the block names, beside the config file (relative paths resolve against its directory).
+    const dir = mkdtempSync(join(tmp, 'readme-'));
+    const certs = await testCerts();
+    mkdirSync(join(dir, 'certs'));
+    copyFileSync(certs.certFile, join(dir, 'certs', 'server.crt'));
+    copyFileSync(certs.keyFile, join(dir, 'certs', 'server.key'));
+    writeFileSync(join(dir, 'userlist.txt'), '"appuser" "apppass"\n');
+    const ec = generateKeyPairSync('ec', { namedCurve: 'P-256' });
+    writeFileSync(join(dir, 'jwks.json'), JSON.stringify({ keys: [{ ...(await exportJWK(ec.publicKey)), kid: 'k1', alg: 'ES256' }] }));
+    const text = edit(REFERENCE, 'method    = "username_prefix"', 'method = "jwt_claim"') + '\n' + block[1]!;
+    writeFileSync(join(dir, 'proxy.toml'), text);
+    const loaded = loadConfigFile(join(dir, 'proxy.toml'));
+    assert.equal(loaded.config.tls?.mode, 'require');
+    assert.equal(loaded.config.http_gateway?.identify_by, 'jwt_claim');
+    const node = loaded.config.nodes.find((n) => n.role === 'primary')!;
+    const db = testPg();
+    node.host = db.host;
+    node.port = db.port;
+    const proxy = await ProxyServer.start(loaded, { logger: silentLogger(), listen: { host: '127.0.0.1', port: 0 }, admin: null, gateway: { host: '127.0.0.1', port: 0 } });
+    try {
+      const jwt = await new SignJWT({ tenant_id: 'acme' }).setProtectedHeader({ alg: 'ES256', kid: 'k1' }).setIssuer('https://auth.example.com/').setAudience('heliosproxy').setExpirationTime('5m').sign(ec.privateKey);
+      const c = new pg.Client({ host: 'localhost', port: proxy.port, user: 'appuser', password: jwt, ssl: { ca: certs.ca } });
+      await c.connect();
+      assert.equal((await c.query<{ s: string }>('SELECT current_schema() AS s')).rows[0]!.s, 'acme');
+      await c.end();
+      const body = await new Promise<string>((resolve, reject) => {
+        const req = httpsRequest({ host: 'localhost', port: proxy.gatewayPort!, method: 'POST', path: '/v1/query', ca: certs.ca, headers: { authorization: `Bearer ${jwt}`, 'content-type': 'application/json' } }, (res) => {
+          let out = '';
+          res.on('data', (d: Buffer) => (out += d.toString()));
+          res.on('end', () => resolve(out));
+        });
+        req.on('error', reject);
+        req.end(JSON.stringify({ query: 'SELECT current_schema() AS s' }));
+      });
+      assert.deepEqual((JSON.parse(body) as { rows: unknown[] }).rows, [{ s: 'acme' }]);
+    } finally {
+      await proxy.close();
+    }
   });
 });
