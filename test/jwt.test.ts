@@ -33,6 +33,13 @@ async function hs256(claims: Record<string, unknown>, secret = SECRET): Promise<
   return new SignJWT(claims).setProtectedHeader({ alg: 'HS256' }).setIssuedAt().setExpirationTime('5m').sign(new TextEncoder().encode(secret));
 }
 
+/** The tenant's own rows: the scenario names every customer after its tenant, so a leak shows. */
+async function assertOwnRows(c: pg.Client, tenant: string): Promise<void> {
+  const rows = (await c.query<{ customer: string }>('SELECT customer FROM orders ORDER BY id')).rows;
+  assert.ok(rows.length > 0, 'the tenant has orders');
+  for (const r of rows) assert.ok(r.customer.startsWith(`${tenant}-`), `${r.customer} is not ${tenant}'s`);
+}
+
 describe('jwt_claim with an HS256 secret', () => {
   let p: TestProxy;
   before(async () => {
@@ -45,6 +52,7 @@ describe('jwt_claim with an HS256 secret', () => {
     try {
       const r = await c.query<{ s: string }>('SELECT current_schema() AS s');
       assert.equal(r.rows[0]!.s, 'acme');
+      await assertOwnRows(c, 'acme');
     } finally {
       await c.end();
     }
@@ -84,6 +92,7 @@ describe('jwt_claim with RS256 public key and JWKS', () => {
     try {
       const token = await new SignJWT({ tenant_id: 'widgetco' }).setProtectedHeader({ alg: 'RS256' }).setExpirationTime('5m').sign(rsa.privateKey);
       const c = await p.connect('appuser', undefined, token);
+      await assertOwnRows(c, 'widgetco');
       const r = await c.query<{ d: string }>('SELECT current_database() AS d');
       assert.equal(r.rows[0]!.d, 'widgetco_db');
       await c.end();
@@ -101,6 +110,7 @@ describe('jwt_claim with RS256 public key and JWKS', () => {
     try {
       const token = await new SignJWT({ tenant_id: 'acme' }).setProtectedHeader({ alg: 'ES256', kid: 'k2' }).setExpirationTime('5m').sign(ec.privateKey);
       const c = await p.connect('appuser', undefined, token);
+      await assertOwnRows(c, 'acme');
       const r = await c.query<{ s: string }>('SELECT current_schema() AS s');
       assert.equal(r.rows[0]!.s, 'acme');
       await c.end();
