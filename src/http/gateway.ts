@@ -135,6 +135,7 @@ class GatewayClient implements FrameSink {
   private readonly framer = new MessageFramer();
   private waiter: { resolve: () => void; reject: (e: Error) => void } | null = null;
   private closedWith: HttpFailure | null = null;
+  private closed = false;
   private current: StatementResult = { command: '', rowCount: null, fields: [], rows: [], rowAsArray: false };
   private error: HttpFailure | null = null;
   /** The gateway ended a COPY FROM STDIN itself: PostgreSQL's "COPY from stdin failed" is not the caller's timeout. */
@@ -161,20 +162,30 @@ class GatewayClient implements FrameSink {
         this.fail(new HttpFailure(500, 'XX000', `bad message from the session: ${(err as Error).message}`));
       }
     });
-    stream.on('end', () => this.fail(this.closedWith ?? new HttpFailure(503, '08006', 'the session ended unexpectedly')));
-    stream.on('close', () => this.fail(this.closedWith ?? new HttpFailure(503, '08006', 'the session ended unexpectedly')));
+    stream.on('end', () => this.ended());
+    stream.on('close', () => this.ended());
   }
 
   private fail(err: HttpFailure): void {
     this.closedWith ??= err;
+    this.ended();
+  }
+
+  /** The session's end is an error only for a round trip still waiting on it (built then, not per request). */
+  private ended(): void {
+    this.closed = true;
     const w = this.waiter;
     this.waiter = null;
-    w?.reject(this.closedWith);
+    w?.reject(this.closure());
+  }
+
+  private closure(): HttpFailure {
+    return (this.closedWith ??= new HttpFailure(503, '08006', 'the session ended unexpectedly'));
   }
 
   /** Sends `messages` and waits for ReadyForQuery. Resolves to the last statement's result, or throws its error. */
   async roundTrip(messages: Buffer): Promise<StatementResult> {
-    if (this.closedWith !== null) throw this.closedWith;
+    if (this.closed || this.closedWith !== null) throw this.closure();
     this.current = { command: '', rowCount: null, fields: [], rows: [], rowAsArray: this.arrayMode };
     this.error = null;
     await new Promise<void>((resolve, reject) => {
@@ -454,15 +465,14 @@ export class HttpGateway {
     const client = new GatewayClient(mine, arrayMode, gw.max_response_bytes);
     let abandoned: HttpFailure | null = null;
     // Abandoning destroys the stream: the session's cleanup cancels what runs and closes or resets its backend.
-    const abandon = (why: HttpFailure): void => {
-      abandoned ??= why;
+    const abandon = (why: () => HttpFailure): void => {
+      abandoned ??= why();
       if (client.pid !== 0) ctx.cancels.cancel(client.pid, client.secret);
       mine.destroy();
     };
-    client.onTooLarge = () => abandon(new HttpFailure(413, '54000', `result is larger than http_gateway.max_response_bytes (${gw.max_response_bytes})`));
-    const timeout = new HttpFailure(504, '57014', `canceling statement due to http_gateway.request_timeout_secs (${gw.request_timeout_secs} s)`);
-    const timer = setTimeout(() => abandon(timeout), gw.request_timeout_secs * 1000);
-    const onAbort = (): void => abandon(new HttpFailure(499, '57014', 'client closed the request'));
+    client.onTooLarge = () => abandon(() => new HttpFailure(413, '54000', `result is larger than http_gateway.max_response_bytes (${gw.max_response_bytes})`));
+    const timer = setTimeout(() => abandon(() => new HttpFailure(504, '57014', `canceling statement due to http_gateway.request_timeout_secs (${gw.request_timeout_secs} s)`)), gw.request_timeout_secs * 1000);
+    const onAbort = (): void => abandon(() => new HttpFailure(499, '57014', 'client closed the request'));
     req.socket.once('close', onAbort);
     try {
       try {
