@@ -265,6 +265,12 @@ export class ProxyServer {
       material = { ...next, tls: this.tlsMaterial };
       restartRequired.push('tls (removing it while an HTTPS listener uses it)');
     }
+    if (this.gateway !== null && c.http_gateway?.identify_by === 'jwt_claim' && material.jwt === null && this.ctx.jwt !== null) {
+      // The running HTTP endpoint verifies JWTs: it keeps the verifier it has until a restart.
+      c.multi_tenancy.identification.jwt = prev.multi_tenancy.identification.jwt;
+      material = { ...material, jwt: this.ctx.jwt };
+      restartRequired.push('multi_tenancy.identification.jwt (removing it while the HTTP endpoint verifies JWTs)');
+    }
     this.loadIdentityMaterial(material);
     if (this.tlsMaterial !== null) {
       if (c.http_gateway?.tls) this.gateway?.listener.setTls(this.tlsMaterial);
@@ -274,7 +280,7 @@ export class ProxyServer {
     const tenants = this.ctx.tenants.reconfigure(c.multi_tenancy);
     restartRequired.push(...tenants.restartRequired);
     this.ctx.config = c;
-    this.loaded = { ...next, config: c };
+    this.loaded = { ...material, config: c };
     this.ctx.pools.reconfigure(c, (id) => this.ctx.tenants.get(id));
     if (c.log_level !== prev.log_level) this.log.level = c.log_level;
     for (const s of this.ctx.sessions) if (s.identity?.tenant.removed) s.endIfIdle();

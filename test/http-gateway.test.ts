@@ -385,6 +385,26 @@ describe('HTTP gateway: requests and answers', () => {
     } else assert.deepEqual(stored, [], 'refused, yet rows stayed committed');
   });
 
+  it('savepoints work inside /v1/transaction (SAVEPOINT, ROLLBACK TO, RELEASE are not refused)', async () => {
+    const r = await post(
+      p,
+      '/v1/transaction',
+      {
+        queries: [
+          { query: 'INSERT INTO http_gw_chain VALUES (30)' },
+          { query: 'SAVEPOINT s1' },
+          { query: 'INSERT INTO http_gw_chain VALUES (31)' },
+          { query: 'ROLLBACK TO SAVEPOINT s1' },
+          { query: 'RELEASE s1' },
+        ],
+      },
+      acme,
+    );
+    assert.equal(r.status, 200, JSON.stringify(r.body));
+    const stored = (await direct<{ v: number }>('SELECT v FROM acme.http_gw_chain WHERE v IN (30, 31) ORDER BY v', 'shared_db')).map((x) => x.v);
+    assert.deepEqual(stored, [30]);
+  });
+
   it('a result over max_response_bytes is 413 and leaves nothing behind; one under it is served', async () => {
     const r = await post(p, '/v1/query', { query: "SELECT repeat('x', 1000) AS v FROM generate_series(1, 200)" }, acme);
     assert.equal(r.status, 413, JSON.stringify(r.body).slice(0, 300));

@@ -44,6 +44,9 @@ const TransactionRequest = z.strictObject({
   arrayMode: z.boolean().default(false),
 });
 
+/** After request_timeout_secs has cancelled a statement, how long the answer may take before the session is ended. */
+const TIMEOUT_GRACE_MS = 2000;
+
 /** An answer the gateway gives instead of a result: an HTTP status and PostgreSQL's error fields. */
 class HttpFailure extends Error {
   constructor(
@@ -258,7 +261,10 @@ class GatewayClient implements FrameSink {
         this.copyRefused = true;
         // Nothing to send: end the COPY at once rather than leave the backend waiting for data.
         // PostgreSQL ignores the Sync sent before copy-in began, so the CopyFail needs one of its own.
-        this.stream.write(Buffer.concat([copyFail('COPY FROM STDIN is not available over HTTP'), SYNC]));
+        // Written after this delivery returns: the session is still in the middle of flushing to us.
+        queueMicrotask(() => {
+          if (!this.stream.destroyed) this.stream.write(Buffer.concat([copyFail('COPY FROM STDIN is not available over HTTP'), SYNC]));
+        });
         break;
       case Msg.BackendKeyData:
         this.pid = buf.readInt32BE(start + 5);
@@ -367,10 +373,10 @@ export class HttpGateway {
     if (!parsed.success) throw badBody(parsed.error);
     parsed.data.queries.forEach((q, i) => {
       // All or nothing holds only if no query ends the transaction itself (COMMIT, ROLLBACK, AND CHAIN,
-      // PREPARE TRANSACTION): refused before anything runs.
+      // PREPARE TRANSACTION): refused before anything runs. Savepoints stay usable.
       const facts = this.proxy.ctx.statements.lookup(q.query);
-      if (Array.isArray(facts) && facts.some((f) => f.kind === 'TransactionStmt')) {
-        throw new HttpFailure(400, '25000', `query ${i} is a transaction control statement; /v1/transaction issues BEGIN and COMMIT itself`, { query: String(i) });
+      if (Array.isArray(facts) && facts.some((f) => f.endsTransaction)) {
+        throw new HttpFailure(400, '25000', `query ${i} ends the transaction; /v1/transaction issues BEGIN and COMMIT itself`, { query: String(i) });
       }
     });
     const results = await this.withSession(req, identity, parsed.data.arrayMode, async (c) => {
@@ -421,8 +427,9 @@ export class HttpGateway {
     }
     let tenantId: string;
     if (gw.identify_by === 'jwt_claim') {
+      if (ctx.jwt === null) throw new HttpFailure(500, 'XX000', 'http_gateway.identify_by = "jwt_claim" but no JWT key is configured');
       try {
-        tenantId = (await ctx.jwt!.verify(bearer)).tenantId;
+        tenantId = (await ctx.jwt.verify(bearer)).tenantId;
       } catch (err) {
         if (err instanceof TokenRefused) throw new HttpFailure(401, err.code, err.message, {}, { 'www-authenticate': 'Bearer error="invalid_token"' });
         throw err;
@@ -471,7 +478,19 @@ export class HttpGateway {
       mine.destroy();
     };
     client.onTooLarge = () => abandon(() => new HttpFailure(413, '54000', `result is larger than http_gateway.max_response_bytes (${gw.max_response_bytes})`));
-    const timer = setTimeout(() => abandon(() => new HttpFailure(504, '57014', `canceling statement due to http_gateway.request_timeout_secs (${gw.request_timeout_secs} s)`)), gw.request_timeout_secs * 1000);
+    const timedOut = (): HttpFailure => new HttpFailure(504, '57014', `canceling statement due to http_gateway.request_timeout_secs (${gw.request_timeout_secs} s)`);
+    let timeoutSent = false;
+    let grace: NodeJS.Timeout | null = null;
+    const timer = setTimeout(() => {
+      timeoutSent = true;
+      // Still logging in (waiting for a backend): nothing has run, end it now.
+      if (client.pid === 0) return abandon(timedOut);
+      // Otherwise cancel, as statement_timeout would: a running statement fails with 57014, and one
+      // PostgreSQL does not interrupt (a COMMIT under way) finishes and is answered, so a committed
+      // transaction is never reported as failed. What is stuck elsewhere is ended after a grace period.
+      ctx.cancels.cancel(client.pid, client.secret);
+      grace = setTimeout(() => abandon(timedOut), TIMEOUT_GRACE_MS);
+    }, gw.request_timeout_secs * 1000);
     const onAbort = (): void => abandon(() => new HttpFailure(499, '57014', 'client closed the request'));
     req.socket.once('close', onAbort);
     try {
@@ -488,9 +507,11 @@ export class HttpGateway {
       return await work(client);
     } catch (err) {
       if (abandoned !== null) throw abandoned;
+      if (timeoutSent && err instanceof HttpFailure && err.code === '57014') throw timedOut();
       throw err;
     } finally {
       clearTimeout(timer);
+      if (grace !== null) clearTimeout(grace);
       req.socket.off('close', onAbort);
       if (!mine.destroyed) mine.end(TERMINATE);
     }

@@ -51,6 +51,8 @@ export interface StatementFacts {
   changesRole: boolean;
   /** BEGIN READ WRITE / SET TRANSACTION READ WRITE. */
   readWriteTransaction: boolean;
+  /** COMMIT, ROLLBACK (not TO a savepoint), PREPARE TRANSACTION and their prepared/chained forms. */
+  endsTransaction: boolean;
   /** DISCARD ALL / DEALLOCATE ALL: the backend's prepared statements are gone afterwards. */
   dropsPrepared: boolean;
   /** A name whose schema the proxy could not see (nextval(some_expression), regclass from a non-literal). */
@@ -195,6 +197,7 @@ function emptyFacts(kind: string): StatementFacts {
     settings: [],
     changesRole: false,
     readWriteTransaction: false,
+    endsTransaction: false,
     dropsPrepared: false,
     opaqueNames: false,
     literalsMatter: kind === 'VariableSetStmt' || kind === 'CreateFunctionStmt' || kind === 'DoStmt' || kind === 'CopyStmt',
@@ -464,6 +467,9 @@ class Walker {
         if (typeof n.options === 'number' && (n.options & 0x20) !== 0) f.pins ??= 'WITH HOLD cursor';
         break;
       case 'TransactionStmt':
+        if (['TRANS_STMT_COMMIT', 'TRANS_STMT_ROLLBACK', 'TRANS_STMT_PREPARE', 'TRANS_STMT_COMMIT_PREPARED', 'TRANS_STMT_ROLLBACK_PREPARED'].includes(String(n.kind))) {
+          f.endsTransaction = true;
+        }
         for (const o of (n.options as Json[] | undefined) ?? []) {
           const d = (o as Obj).DefElem as Obj | undefined;
           if (d?.defname === 'transaction_read_only' && constString(d.arg) === '0') f.readWriteTransaction = true;

@@ -1711,8 +1711,9 @@ export class ClientSession implements ServerRelay {
     if (server.socket.isPaused()) server.socket.resume();
     const pool = this.pool!;
     const tenant = this.identity!.tenant;
-    if (this.expect.length > 0 || this.awaitingSync || this.copyIn) {
-      // Mid-request or inside an unsynced extended-protocol exchange: the connection cannot be reused.
+    if (this.expect.length > 0 || this.awaitingSync || this.copyIn || this.blocked) {
+      // Mid-request or inside an unsynced extended-protocol exchange, or with the proxy's own queries
+      // (a resync) still running on it: the connection cannot be reused.
       // A client that sent Terminate gets its pipelined work finished first (as PostgreSQL does); a lost
       // client's work is cancelled. Either way the backend then closes, and PostgreSQL rolls back.
       if (!this.clientTerminated && this.expect.length > 0) this.ctx.sendCancel(server);
@@ -1725,7 +1726,8 @@ export class ClientSession implements ServerRelay {
       sqls.push(this.ctx.config.pool_mode.reset_query);
     }
     if (sqls.length === 0) {
-      pool.release(server, true, tenant);
+      // A cancel still on its way must not land on the next client's statement.
+      server.whenNoCancelPending(() => pool.release(server, true, tenant));
       return;
     }
     server.run(sqls).then(
