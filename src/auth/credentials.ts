@@ -107,6 +107,15 @@ export class CredentialStore {
     return s;
   }
 
+  /**
+   * Whether the proxy can open backend connections for `role` with no password from the client (token
+   * logins, HTTP requests): auth_file or auth_query is consulted, and the secret found must be usable.
+   */
+  async canLogInWithoutClient(role: string): Promise<boolean> {
+    await this.lookup(role);
+    return this.backendSecret(role) !== null;
+  }
+
   /** Records what a successful login taught the proxy (a ClientKey, or keys derived from a cleartext password). */
   learn(role: string, secret: Secret): void {
     this.backendSecrets.set(role, secret);

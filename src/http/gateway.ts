@@ -450,8 +450,7 @@ export class HttpGateway {
       if (err instanceof IdentifyError) throw new HttpFailure(statusFor(err.code) === 400 ? 403 : statusFor(err.code), err.code, err.message);
       throw err;
     }
-    await ctx.credentials.lookup(gw.role);
-    if (ctx.credentials.backendSecret(gw.role) === null) {
+    if (!(await ctx.credentials.canLogInWithoutClient(gw.role))) {
       this.proxy.log.error({ role: gw.role }, 'http_gateway.role has no usable password in auth_file (plain or md5 needed)');
       throw new HttpFailure(500, '28000', `the proxy holds no usable backend password for role "${gw.role}"`);
     }

@@ -502,8 +502,7 @@ export class ClientSession implements ServerRelay {
     const allowed = this.ctx.config.multi_tenancy.identification.jwt?.allowed_roles;
     // Config load makes allowed_roles required for jwt_claim; absent, nothing is permitted.
     if (allowed === undefined || !allowed.includes(role)) throw new LoginRefused({ code: '28000', message: `role "${role}" may not log in with a token` });
-    await creds.lookup(role);
-    if (creds.backendSecret(role) === null) {
+    if (!(await creds.canLogInWithoutClient(role))) {
       throw new LoginRefused({
         code: '28000',
         message: `the proxy holds no usable backend password for role "${role}"`,
