@@ -20,7 +20,7 @@ export interface Report {
 /** A table column: heading and the cell for (mode, clients). */
 type Col = [string, (m: Mode, c: number) => string];
 
-const SHORT: Record<TargetId, string> = { direct: 'direct', pgbouncer: 'pgbouncer', 'proxy-tx': 'proxy-tx', 'proxy-tx-bare': 'proxy-bare', 'proxy-session': 'proxy-sess' };
+const SHORT: Record<TargetId, string> = { direct: 'direct', pgbouncer: 'pgbouncer', 'proxy-tx': 'proxy-tx', 'proxy-tx-node': 'proxy-node', 'proxy-tx-bare': 'proxy-bare', 'proxy-session': 'proxy-sess' };
 
 export function printReport(r: Report): void {
   const find = (t: TargetId, m: Mode, c: number): Result | undefined =>
@@ -43,7 +43,7 @@ export function printReport(r: Report): void {
     console.log(widths.map((w) => '-'.repeat(w)).join('  '));
     for (const row of rows) console.log(line(row));
   };
-  const ratios: Array<[TargetId, TargetId]> = [['proxy-tx', 'direct'], ['proxy-tx', 'pgbouncer'], ['proxy-tx', 'proxy-tx-bare'], ['proxy-session', 'direct']];
+  const ratios: Array<[TargetId, TargetId]> = [['proxy-tx', 'direct'], ['proxy-tx', 'pgbouncer'], ['proxy-tx-node', 'pgbouncer'], ['proxy-tx', 'proxy-tx-node'], ['proxy-tx', 'proxy-tx-bare'], ['proxy-session', 'direct']];
   console.log(`\npgbench -S (select-only), scale ${r.scale}, ${r.seconds} s per run, ${r.cpus} CPUs`);
   table('Throughput (tps, without initial connection time)', [
     ...ran.map((t): Col => [SHORT[t], (m, c) => tps(find(t, m, c))]),

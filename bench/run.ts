@@ -1,6 +1,7 @@
 // bench/run.ts — `npm run bench`: pgbench -S against PostgreSQL directly, PgBouncer and heliosproxy
 // (transaction and session pooling) on one throwaway cluster, printed side by side and saved to .bench/.
-// Env: BENCH_TARGETS (direct,pgbouncer,proxy-tx,proxy-tx-bare,proxy-session | proxy); proxy-tx-bare has no rate_limits/permissions, BENCH_MODES (simple,extended,prepared),
+// Env: BENCH_TARGETS (direct,pgbouncer,proxy-tx,proxy-tx-node,proxy-tx-bare,proxy-session | proxy); proxy-tx-node relays on Node's
+// sockets instead of the native layer, proxy-tx-bare has no rate_limits/permissions, BENCH_MODES (simple,extended,prepared),
 // BENCH_CLIENTS (1,20,100), BENCH_SECONDS (10), BENCH_REFERENCE_LIMITS=1 (keep acme's 1000 qps / 50 conn
 // limits from the reference config), BENCH_VERBOSE=1 (PostgreSQL log lines).
 import { execFileSync } from 'node:child_process';
@@ -21,7 +22,7 @@ const PASSWORD = 'apppass';
 
 // ── settings ───────────────────────────────────────────────────────────────────────────────────
 const MODES: readonly Mode[] = ['simple', 'extended', 'prepared'];
-const ALIASES: Record<string, TargetId[]> = { proxy: ['proxy-tx', 'proxy-tx-bare', 'proxy-session'], 'proxy-transaction': ['proxy-tx'] };
+const ALIASES: Record<string, TargetId[]> = { proxy: ['proxy-tx', 'proxy-tx-node', 'proxy-tx-bare', 'proxy-session'], 'proxy-transaction': ['proxy-tx'] };
 
 function fail(msg: string): never { throw new Error(msg); }
 function list(name: string, fallback: string): string[] {
@@ -108,7 +109,7 @@ async function main(): Promise<void> {
 
   console.log('starting throwaway PostgreSQL…');
   // Registered before it resolves, so a Ctrl-C during start-up still waits for the cluster and stops it.
-  const starting = startLocalPostgres({ settings: { max_connections: '300' }, ...(verbose ? { log: (l: string) => console.log(`  pg| ${l}`) } : {}) });
+  const starting = startLocalPostgres({ settings: { max_connections: '800' }, ...(verbose ? { log: (l: string) => console.log(`  pg| ${l}`) } : {}) });
   defer(async () => { await (await starting.catch(() => null))?.stop(); });
   const pg = await starting;
   if (existsSync(join(pg.binDir, 'pgbench'))) pgbench = join(pg.binDir, 'pgbench');
@@ -135,43 +136,47 @@ async function main(): Promise<void> {
         bouncerVersion = pgbouncerVersion(bin);
         targets.push(pgbouncerTarget(bin, pg.port));
       }
-    } else targets.push(proxyTarget(repoRoot, pg.port, id === 'proxy-session', referenceLimits, id === 'proxy-tx-bare'));
+    } else targets.push(proxyTarget(repoRoot, pg.port, id, referenceLimits));
   }
   if (!referenceLimits && proxies.length > 0) {
     console.log('proxy config: acme qps_limit 1000→1000000, max_connections 50→100 (BENCH_REFERENCE_LIMITS=1 keeps the reference limits)');
   }
 
+  // Every target is started up front and the runs interleave (each mode and client count on every target
+  // back to back): on a shared 2-core machine the speed drifts over minutes, and ratios should not.
   const results: Result[] = [];
+  const running: Array<{ t: Target; target: Running; diedReported: boolean }> = [];
   for (const t of targets) {
     checkInterrupted();
-    console.log(`\n[${t.id}] starting…`);
-    let target: Running;
-    let stopTarget: () => Promise<void>;
+    console.log(`[${t.id}] starting…`);
     try {
-      target = await t.start();
-      stopTarget = defer(() => target.stop());
+      const target = await t.start();
+      defer(() => target.stop());
+      running.push({ t, target, diedReported: false });
     } catch (e) {
       const msg = (e as Error).message;
       console.log(`[${t.id}] failed to start: ${msg}`);
       const error = `start failed: ${msg.split('\n')[0]}`;
       for (const mode of modes) for (const clients of clientCounts) results.push({ target: t.id, mode, clients, error });
-      continue;
     }
-    const warm = await bench(target.port, t.user, 'simple', 2, 2);
-    console.log(`[${t.id}] port ${target.port}; warm-up ${warm.error === undefined ? `${warm.tps?.toFixed(0)} tps` : `failed: ${warm.error}`}`);
-    let diedReported = false;
-    for (const mode of modes) {
-      for (const clients of clientCounts) {
-        const r: Result = { target: t.id, mode, clients, ...(await bench(target.port, t.user, mode, clients, seconds)) };
+  }
+  for (const r of running) {
+    const warm = await bench(r.target.port, r.t.user, 'simple', 2, 2);
+    console.log(`[${r.t.id}] port ${r.target.port}; warm-up ${warm.error === undefined ? `${warm.tps?.toFixed(0)} tps` : `failed: ${warm.error}`}`);
+  }
+  for (const mode of modes) {
+    for (const clients of clientCounts) {
+      console.log('');
+      for (const r of running) {
+        const res: Result = { target: r.t.id, mode, clients, ...(await bench(r.target.port, r.t.user, mode, clients, seconds)) };
         checkInterrupted();
-        results.push(r);
-        console.log(`[${t.id}] ${mode.padEnd(8)} c=${String(clients).padEnd(3)} ` +
-          (r.error === undefined ? `${r.tps?.toFixed(0).padStart(7)} tps  ${r.latencyMs?.toFixed(3)} ms` : `ERROR ${r.error}`));
-        const died = r.error === undefined || diedReported ? null : target.died?.();
-        if (died) { diedReported = true; console.log(`[${t.id}] ${died}`); }
+        results.push(res);
+        console.log(`[${r.t.id.padEnd(13)}] ${mode.padEnd(8)} c=${String(clients).padEnd(3)} ` +
+          (res.error === undefined ? `${res.tps?.toFixed(0).padStart(7)} tps  ${res.latencyMs?.toFixed(3)} ms` : `ERROR ${res.error}`));
+        const died = res.error === undefined || r.diedReported ? null : r.target.died?.();
+        if (died) { r.diedReported = true; console.log(`[${r.t.id}] ${died}`); }
       }
     }
-    await stopTarget();
   }
 
   let gitCommit: string | null = null;

@@ -6,8 +6,8 @@ import { delimiter, join } from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { freePort, Service } from './proc.js';
 
-export type TargetId = 'direct' | 'pgbouncer' | 'proxy-tx' | 'proxy-tx-bare' | 'proxy-session';
-export const TARGET_IDS: readonly TargetId[] = ['direct', 'pgbouncer', 'proxy-tx', 'proxy-tx-bare', 'proxy-session'];
+export type TargetId = 'direct' | 'pgbouncer' | 'proxy-tx' | 'proxy-tx-node' | 'proxy-tx-bare' | 'proxy-session';
+export const TARGET_IDS: readonly TargetId[] = ['direct', 'pgbouncer', 'proxy-tx', 'proxy-tx-node', 'proxy-tx-bare', 'proxy-session'];
 
 /** A started target: where pgbench connects, and how to take it down again. */
 export interface Running {
@@ -88,7 +88,7 @@ export const REFERENCE_CONFIG = '../shared/reference/proxy.toml';
  * primary, optionally session pooling. Unless `referenceLimits`, the acme tenant's qps/connection
  * limits (1000 qps, 50 connections) are raised so the run measures forwarding, not rate limiting.
  */
-export function proxyConfig(repoRoot: string, o: { listen: number; admin: number; pgPort: number; session: boolean; referenceLimits: boolean; bare?: boolean }): string {
+export function proxyConfig(repoRoot: string, o: { listen: number; admin: number; pgPort: number; session: boolean; referenceLimits: boolean; bare?: boolean; nodeSockets?: boolean }): string {
   const file = join(repoRoot, REFERENCE_CONFIG);
   if (!existsSync(file)) throw new Error(`reference config ${file} is missing (expected at ${REFERENCE_CONFIG} relative to the repo root)`);
   let text = readFileSync(file, 'utf8');
@@ -108,6 +108,8 @@ export function proxyConfig(repoRoot: string, o: { listen: number; admin: number
     if (next === text) throw new Error(`cannot strip guardrails from ${file}`);
     text = next;
   }
+  // Node's net.Socket instead of the native socket layer: the same proxy, to measure what the layer saves.
+  if (o.nodeSockets) text = `socket_layer = "node"\n${text}`;
   if (!o.referenceLimits) {
     set(/^(qps_limit\s*=\s*)1000\b/m, '1000000', 'acme qps_limit', false);
     set(/^(max_connections\s*=\s*)50\b/gm, '100', 'acme max_connections', false);
@@ -115,8 +117,10 @@ export function proxyConfig(repoRoot: string, o: { listen: number; admin: number
   return text;
 }
 
-export function proxyTarget(repoRoot: string, pgPort: number, session: boolean, referenceLimits: boolean, bare = false): Target {
-  const id: TargetId = session ? 'proxy-session' : bare ? 'proxy-tx-bare' : 'proxy-tx';
+export function proxyTarget(repoRoot: string, pgPort: number, id: 'proxy-tx' | 'proxy-tx-node' | 'proxy-tx-bare' | 'proxy-session', referenceLimits: boolean): Target {
+  const session = id === 'proxy-session';
+  const bare = id === 'proxy-tx-bare';
+  const nodeSockets = id === 'proxy-tx-node';
   return {
     id,
     user: 'acme.appuser',
@@ -125,7 +129,7 @@ export function proxyTarget(repoRoot: string, pgPort: number, session: boolean, 
       const [listen, admin] = [await freePort(), await freePort()];
       const config = join(tmp.dir, 'proxy.toml');
       try {
-        writeFileSync(config, proxyConfig(repoRoot, { listen, admin, pgPort, session, referenceLimits, bare }));
+        writeFileSync(config, proxyConfig(repoRoot, { listen, admin, pgPort, session, referenceLimits, bare, nodeSockets }));
       } catch (e) { tmp.remove(); throw e; }
       const svc = new Service(id, process.execPath, [join(repoRoot, 'bin', 'heliosproxy.js'), '--config', config], { cwd: repoRoot });
       const stop = async (): Promise<void> => { await svc.stop('SIGTERM'); tmp.remove(); };

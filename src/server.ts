@@ -14,6 +14,7 @@ import { backendTlsOptions, type BackendTlsPolicy, type ServerTlsMaterial } from
 import { HttpGateway } from './http/gateway.js';
 import { ServerConnection } from './pool/server-connection.js';
 import { CancelRegistry } from './session/cancel.js';
+import { nativeSocketLayer } from './io/native-socket.js';
 import { ClientSession, type SessionContext } from './session/client-session.js';
 import { FactsCache } from './policy/cache.js';
 import { loadParser } from './policy/classify.js';
@@ -50,7 +51,7 @@ export class ProxyServer {
     this.backendTls = backendTlsOptions(config.backend_tls, loaded.baseDir);
     const pools = new PoolManager(
       config,
-      { host: node.host, port: node.port, tls: this.backendTls },
+      { host: node.host, port: node.port, tls: this.backendTls, nativeSocket: config.socket_layer !== 'node' },
       credentials,
       () => tenants.all(),
     );
@@ -70,6 +71,7 @@ export class ProxyServer {
       shuttingDown: false,
       tls: null,
       jwt: null,
+      nativeSocket: config.socket_layer !== 'node',
     };
     this.ctx = ctx;
     this.loadIdentityMaterial(loaded);
@@ -136,7 +138,8 @@ export class ProxyServer {
       }
     }
     const node = primaryNode(loaded.config);
-    log.info({ listen: `${proxy.host}:${proxy.port}`, admin: proxy.admin?.listener.address ?? null, http: proxy.gateway?.listener.address ?? null, tls: loaded.config.tls?.mode ?? 'disable', backend: `${node.host}:${node.port}`, mode: loaded.config.pool_mode.mode }, 'heliosproxy listening');
+    log.info({ listen: `${proxy.host}:${proxy.port}`, admin: proxy.admin?.listener.address ?? null, http: proxy.gateway?.listener.address ?? null, tls: loaded.config.tls?.mode ?? 'disable', backend: `${node.host}:${node.port}`, mode: loaded.config.pool_mode.mode, socketLayer: loaded.config.socket_layer !== 'node' && nativeSocketLayer.available ? 'native' : 'node' }, 'heliosproxy listening');
+    if (loaded.config.socket_layer === 'auto' && !nativeSocketLayer.available) log.warn({ reason: nativeSocketLayer.reason }, 'relaying on Node sockets');
     return proxy;
   }
 
@@ -238,6 +241,7 @@ export class ProxyServer {
     if ((prev.auth === undefined) !== (c.auth === undefined)) restartRequired.push('auth (adding or removing the [auth] section)');
     if (JSON.stringify(prev.backend_tls) !== JSON.stringify(c.backend_tls)) restartRequired.push('backend_tls');
     if (c.admin_tls !== prev.admin_tls) restartRequired.push('admin_tls');
+    if (c.socket_layer !== prev.socket_layer) restartRequired.push('socket_layer');
     const [pg, ng] = [prev.http_gateway, c.http_gateway];
     if ((pg === undefined) !== (ng === undefined) || pg?.listen_address !== ng?.listen_address || pg?.tls !== ng?.tls) {
       restartRequired.push('http_gateway (adding or removing it, listen_address, tls)');
@@ -247,6 +251,7 @@ export class ProxyServer {
     c.admin_address = prev.admin_address;
     c.backend_tls = prev.backend_tls;
     c.admin_tls = prev.admin_tls;
+    c.socket_layer = prev.socket_layer;
     if (restartRequired.includes('http_gateway (adding or removing it, listen_address, tls)')) {
       // The listener stays as it is; keys, role and limits still take their new values.
       if (pg === undefined || ng === undefined) c.http_gateway = prev.http_gateway;

@@ -244,6 +244,7 @@ interface GlobalMetrics {
   latency: Latency;
   backends: Backends & { connecting: number };
   memory: { rss_bytes: number; heap_used_bytes: number };
+  socket_layer: { mode: 'native' | 'node'; native_sockets: number };
 }
 interface PoolStats {
   name: string;
@@ -562,7 +563,9 @@ describe('admin API routes, metrics and Prometheus (in-process proxy, admin on)'
 
     test('GET /metrics: global JSON (uptime, tenants, clients, counters, rejections, qps, latency, backends, memory)', async () => {
       const g = await globalMetrics(admin);
-      assert.deepEqual(Object.keys(g).sort(), ['backends', 'bytes', 'clients', 'errors', 'http', 'latency', 'memory', 'qps', 'queries', 'rejections', 'rows', 'tenants', 'uptime_secs'].sort());
+      assert.deepEqual(Object.keys(g).sort(), ['backends', 'bytes', 'clients', 'errors', 'http', 'latency', 'memory', 'qps', 'queries', 'rejections', 'rows', 'socket_layer', 'tenants', 'uptime_secs'].sort());
+      assert.ok(['native', 'node'].includes(g.socket_layer.mode));
+      assert.ok(g.socket_layer.mode === 'native' ? g.socket_layer.native_sockets > 0 : g.socket_layer.native_sockets === 0);
       assertCounts(g, ['uptime_secs', 'tenants', 'clients', 'queries', 'errors', 'rows', 'bytes'], 'global');
       assert.equal(g.tenants, 2);
       assert.ok(g.clients >= 2);

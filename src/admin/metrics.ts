@@ -5,6 +5,7 @@
 // the proxy's CPU per transaction).
 // Label cardinality is bounded by the tenants that exist (configured plus auto-created, under max_tenants).
 import { collectDefaultMetrics, Counter, Gauge, Registry } from 'prom-client';
+import { nativeSocketStats } from '../io/native-socket.js';
 import type { PoolManager } from '../pool/manager.js';
 import type { RejectionReason, Tenant } from '../tenancy/registry.js';
 
@@ -159,6 +160,14 @@ export class ProxyMetrics {
       registers: [reg],
       collect() {
         this.set(clients());
+      },
+    });
+    new Gauge({
+      name: 'heliosproxy_native_sockets',
+      help: 'Connections (client and backend) relayed through the native socket layer (socket_layer)',
+      registers: [reg],
+      collect() {
+        this.set(nativeSocketStats.open);
       },
     });
     this.timer = setInterval(() => this.sampleRates(), 1000);

@@ -5,6 +5,7 @@ import { dirname, resolve } from 'node:path';
 import { parse as parseToml, TomlError } from 'smol-toml';
 import { z } from 'zod';
 import { JwtVerifier } from '../auth/jwt.js';
+import { nativeSocketLayer } from '../io/native-socket.js';
 import { backendTlsOptions, serverTlsContext, type ServerTlsMaterial } from '../protocol/tls.js';
 import { ConfigSchema, type Config } from './schema.js';
 
@@ -162,6 +163,7 @@ function crossChecks(c: Config, baseDir: string, out: Material): string[] {
     if (gw.tls && (c.tls?.cert_file === undefined || c.tls.mode === 'disable')) problems.push('http_gateway.tls: needs [tls] with cert_file and key_file');
     if (c.auth?.auth_user !== undefined && gw.role === c.auth.auth_user) problems.push(`http_gateway.role: "${gw.role}" is auth.auth_user, which reads every password; use a role of the application`);
   }
+  if (c.socket_layer === 'native' && !nativeSocketLayer.available) problems.push(`socket_layer: "native" is not available: ${nativeSocketLayer.reason}`);
   if (c.admin_tls && (c.tls?.cert_file === undefined || c.tls.mode === 'disable')) problems.push('admin_tls: needs [tls] with cert_file and key_file');
   if (c.tls !== undefined && c.tls.mode !== 'disable') {
     if (c.tls.cert_file === undefined || c.tls.key_file === undefined) {

@@ -225,6 +225,12 @@ export const ConfigSchema = z.strictObject({
   /** SIGTERM/SIGINT: how long in-flight transactions may finish before clients are closed with 57P01. */
   shutdown_timeout_secs: secs.default(30),
   log_level: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
+  /**
+   * How relayed bytes move once a connection is logged in: "native" (native/fastio.c: read(2)/write(2) on
+   * the socket, no Node stream layer), "node" (Node's net.Socket), or "auto" (native when built).
+   * TLS connections always use Node's TLS sockets.
+   */
+  socket_layer: z.enum(['auto', 'native', 'node']).default('auto'),
   tr_enabled: z.boolean().default(false),
   tr_mode: z.enum(['session', 'transaction']).default('session'),
   write_timeout_secs: posInt.default(30),

@@ -17,7 +17,7 @@ export class PoolManager {
 
   constructor(
     private config: Config,
-    private readonly backend: { host: string; port: number; tls?: BackendTlsPolicy },
+    private readonly backend: { host: string; port: number; tls?: BackendTlsPolicy; nativeSocket?: boolean },
     private readonly credentials: CredentialStore,
     private readonly tenants: () => Tenant[],
   ) {
@@ -36,7 +36,7 @@ export class PoolManager {
       const name = dedicated ? `${tenant.id}/${tenant.database}/${role}` : `shared/${tenant.database}/${role}`;
       pool = new Pool(
         name,
-        { host: this.backend.host, port: this.backend.port, database: tenant.database, role, ...(this.backend.tls ? { tls: this.backend.tls } : {}) },
+        { host: this.backend.host, port: this.backend.port, database: tenant.database, role, nativeSocket: this.backend.nativeSocket === true, ...(this.backend.tls ? { tls: this.backend.tls } : {}) },
         this.limitsFor(tenant),
         group,
         () => this.credentials.backendSecret(role),

@@ -120,9 +120,10 @@ export class Pool {
    */
   tryTake(tenant: Tenant): ServerConnection | null {
     if (this.waiters.length > 0 || this.idle.length === 0 || tenant.backendsInUse >= tenant.maxBackends) return null;
-    const conn = this.takeIdle(tenant.ownerKey);
+    const now = Date.now();
+    const conn = this.takeIdle(tenant.ownerKey, now);
     if (conn === undefined) return null;
-    if (this.limits.testOnAcquire && Date.now() - conn.lastUsedAt >= TEST_AFTER_IDLE_MS) {
+    if (this.limits.testOnAcquire && now - conn.lastUsedAt >= TEST_AFTER_IDLE_MS) {
       this.idle.push(conn);
       return null;
     }
@@ -162,7 +163,7 @@ export class Pool {
         continue;
       }
       let conn: ServerConnection | undefined;
-      if (w.fresh === null && this.idle.length > 0) conn = this.takeIdle(w.tenant.ownerKey);
+      if (w.fresh === null && this.idle.length > 0) conn = this.takeIdle(w.tenant.ownerKey, Date.now());
       if (conn !== undefined) {
         this.waiters.splice(i, 1);
         this.handOut(w, conn);
@@ -217,8 +218,7 @@ export class Pool {
   }
 
   /** Most recently used first, preferring one that already carries the tenant; too-old ones are closed. */
-  private takeIdle(ownerKey: string): ServerConnection | undefined {
-    const now = Date.now();
+  private takeIdle(ownerKey: string, now: number): ServerConnection | undefined {
     let fallback = -1;
     for (let i = this.idle.length - 1; i >= 0; i--) {
       const c = this.idle[i]!;
@@ -250,12 +250,13 @@ export class Pool {
   release(conn: ServerConnection, reusable: boolean, tenant?: Tenant): void {
     if (!this.busy.delete(conn)) return;
     if (tenant !== undefined) tenant.backendsInUse--;
-    const expired = Date.now() - conn.createdAt >= this.limits.maxLifetimeMs;
+    const now = Date.now();
+    const expired = now - conn.createdAt >= this.limits.maxLifetimeMs;
     // After a reload shrank the pool or its group, a returning connection above the cap closes.
     const surplus = this.size >= this.limits.maxSize || this.group.size >= this.group.max;
     if (!reusable || conn.closed || conn.txStatus !== 'I' || expired || this.closed || surplus) conn.close();
     else {
-      conn.lastUsedAt = Date.now();
+      conn.lastUsedAt = now;
       this.idle.push(conn);
     }
     this.group.pumpAll();

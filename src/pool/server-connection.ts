@@ -8,6 +8,7 @@ import type { BackendTlsPolicy } from '../protocol/tls.js';
 import type { Secret } from '../auth/credentials.js';
 import { md5Response, md5Secret } from '../auth/md5.js';
 import { ScramClientExchange, type ScramKeys } from '../auth/scram.js';
+import { adoptSocket, type ByteStream } from '../io/native-socket.js';
 import { MessageFramer, ProtocolViolation, type FrameSink } from '../protocol/framer.js';
 import {
   AuthCode,
@@ -31,6 +32,8 @@ export interface BackendTarget {
   role: string;
   /** [backend_tls]: whether to ask for TLS and how to check the certificate. */
   tls?: BackendTlsPolicy;
+  /** Move the connection onto the native socket layer once logged in (plaintext only). */
+  nativeSocket?: boolean;
 }
 
 /** An ErrorResponse from the backend, kept whole so it can be relayed to a client unchanged. */
@@ -83,6 +86,7 @@ export class ServerConnection implements FrameSink {
    */
   staleStatements = false;
   readonly createdAt = Date.now();
+  /** When the pool last got it back: idle timeouts and test_on_acquire count from here. */
   lastUsedAt = Date.now();
   closed = false;
   /** Keys derived while logging in with a plaintext password (lets the proxy check later logins locally). */
@@ -97,7 +101,7 @@ export class ServerConnection implements FrameSink {
   private closeListeners: ((err: Error | null) => void)[] = [];
 
   private constructor(
-    readonly socket: Socket,
+    public socket: ByteStream,
     readonly target: BackendTarget,
   ) {}
 
@@ -133,6 +137,7 @@ export class ServerConnection implements FrameSink {
                 socket.removeAllListeners('data');
                 socket.removeAllListeners('error');
                 socket.removeAllListeners('close');
+                if (target.nativeSocket === true) conn.socket = adoptSocket(socket) ?? socket;
                 conn.listen();
                 resolve(conn);
               },
@@ -198,12 +203,10 @@ export class ServerConnection implements FrameSink {
   /** Hands every message from the backend to `relay` until detach(). */
   attach(relay: ServerRelay): void {
     this.relay = relay;
-    this.lastUsedAt = Date.now();
   }
 
   detach(): void {
     this.relay = null;
-    this.lastUsedAt = Date.now();
   }
 
   get attached(): boolean {

@@ -4,8 +4,8 @@
 // (expect queue: synthesize, drop or forward) → client, and at ReadyForQuery with nothing in flight the
 // backend goes back to its pool (transaction/statement mode).
 import { randomBytes } from 'node:crypto';
-import type { Socket } from 'node:net';
-import type { Duplex } from 'node:stream';
+import { Socket } from 'node:net';
+import { adoptSocket, type ByteStream } from '../io/native-socket.js';
 import { TLSSocket, type SecureContext } from 'node:tls';
 import type { Logger } from 'pino';
 import type { CredentialStore } from '../auth/credentials.js';
@@ -76,13 +76,15 @@ export interface SessionContext {
   tls: SecureContext | null;
   /** [multi_tenancy.identification.jwt], rebuilt on reload; null when not configured. */
   jwt: JwtVerifier | null;
+  /** socket_layer as read at start: move logged-in plaintext clients onto the native socket layer. */
+  nativeSocket: boolean;
 }
 
 /**
  * What a session talks to its client over: a TCP socket, the TLSSocket it becomes after SSLRequest, or
  * the in-process stream of an HTTP gateway request.
  */
-export type ClientTransport = Duplex & { readonly remoteAddress?: string | undefined; readonly remotePort?: number | undefined };
+export type ClientTransport = ByteStream;
 
 const LOGIN_TIMEOUT_MS = 60_000;
 /** Longer statements are refused for tenants whose statements are checked: parsing must stay bounded. */
@@ -326,9 +328,10 @@ export class ClientSession implements ServerRelay {
     }
     // Only accepted TCP sockets reach here: the HTTP gateway's in-process streams are preauthenticated.
     const raw = this.socket;
+    if (!(raw instanceof Socket)) throw new Error('SSLRequest on a transport that is not a TCP socket');
     raw.off('data', this.onDataListener);
     raw.write('S');
-    const secure = new TLSSocket(raw as Socket, { isServer: true, secureContext: context });
+    const secure = new TLSSocket(raw, { isServer: true, secureContext: context });
     this.socket = secure;
     this.encrypted = true;
     secure.on('data', this.onDataListener);
@@ -421,6 +424,7 @@ export class ClientSession implements ServerRelay {
     out.push(backendKeyData(this.cancelKey.pid, this.cancelKey.secret), readyForQuery('I'));
     this.socket.write(Buffer.concat(out));
     clearTimeout(this.loginTimer);
+    if (this.ctx.nativeSocket) this.adoptNativeSocket();
     if (this.socket.destroyed) {
       this.pool.release(server, true, tenant);
       return;
@@ -433,6 +437,20 @@ export class ClientSession implements ServerRelay {
     const early = this.authInbox.splice(0);
     for (const m of early) this.inboxSink.message(m, 0, m.length);
     if (early.length > 0) this.drainInbox();
+  }
+
+  /**
+   * From here on the client's bytes are relayed: a plaintext TCP client moves onto the native socket
+   * layer (io/), which keeps the same events. Startup and authentication stayed on Node's socket, where
+   * TLS may have taken over; adoptSocket leaves those, and sockets with bytes still queued, alone.
+   */
+  private adoptNativeSocket(): void {
+    const fast = adoptSocket(this.socket);
+    if (fast === null) return;
+    this.socket = fast;
+    fast.on('data', this.onDataListener);
+    fast.on('error', (err) => this.log.debug({ err: err.message }, 'client socket error'));
+    fast.on('close', () => this.cleanup());
   }
 
   private loginFailed(err: unknown): void {

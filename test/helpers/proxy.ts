@@ -53,6 +53,9 @@ export function loadTestConfig(opts: ProxyOptions = {}): LoadedConfig {
   node.host = db.host;
   node.port = db.port;
   if (opts.mode !== undefined) loaded.config.pool_mode.mode = opts.mode;
+  // HELIOS_TEST_SOCKET_LAYER=node (or native) runs the whole suite on one socket layer; npm test uses auto.
+  const layer = process.env.HELIOS_TEST_SOCKET_LAYER;
+  if (layer === 'node' || layer === 'native' || layer === 'auto') loaded.config.socket_layer = layer;
   if (opts.guardrails === false) {
     for (const t of loaded.config.multi_tenancy.tenants) {
       delete t.rate_limits;
