@@ -833,6 +833,7 @@ for (const layer of LAYERS) {
       w.socket.resume();
       let expect = 1;
       let ending = '';
+      let errors = 0;
       await within(
         (async () => {
           for (;;) {
@@ -847,8 +848,10 @@ for (const layer of LAYERS) {
               const n = Number(rowOf(m)[0]);
               if (n !== expect) assert.fail(`row ${expect} expected, got ${n}`);
               expect++;
-            } else if (m.type === 'E') ending = `error ${errorFields(m).get('C')} ${errorFields(m).get('M')}`;
-            else if (m.type === 'Z') return;
+            } else if (m.type === 'E') {
+              errors++;
+              ending = `error ${errorFields(m).get('C')} ${errorFields(m).get('M')}`;
+            } else if (m.type === 'Z') return;
           }
         })(),
         10_000,
@@ -858,6 +861,8 @@ for (const layer of LAYERS) {
       assert.ok(expect - 1 < 50_000, 'the result was cut short');
       // The proxy relays whole messages only, so it can still say why: a FATAL, then the close.
       assert.match(ending, /^error (08006|57P01) /);
+      // One FATAL: the backend's own 57P01 when it got through, otherwise the proxy's 08006; never both.
+      assert.equal(errors, 1, 'exactly one ErrorResponse');
       assert.ok(w.closed, 'closed after the FATAL');
       w.socket.destroy();
       await noLeaks(tx, 0, 'after the stalled backend kill');

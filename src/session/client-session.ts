@@ -183,6 +183,8 @@ export class ClientSession implements ServerRelay {
   /** Session-level SETs of the request in flight: they follow the client once the request succeeds. */
   private pendingSets: { name: string; value: string | null }[] = [];
   private requestFailed = false;
+  /** The backend's own FATAL went to the client: its connection is ending, and the client knows why. */
+  private backendFatalRelayed = false;
   /** GUCs as the client was given them at startup (RESET returns to these, as in PostgreSQL). */
   private startupParams = new Map<string, string>();
   /** ParameterStatus values the client has been told, so a re-synced backend's changes reach it too. */
@@ -1477,7 +1479,13 @@ export class ClientSession implements ServerRelay {
     if (substitute !== null) this.toClientOwn(substitute);
     else if (this.resultTripped) this.toClientOwn(this.limitError('result'));
     else if (this.cancelReason === 'duration' && decodeErrorFields(buf, start, end).get('C') === '57014') this.toClientOwn(this.limitError('duration'));
-    else this.toClient(buf, start, end);
+    else {
+      this.toClient(buf, start, end);
+      // The backend is ending this connection (57P01 from pg_terminate_backend, a shutdown): the client
+      // has been told why, and the close that follows needs no second FATAL of the proxy's own.
+      const severity = decodeErrorFields(buf, start, end).get('V');
+      if (severity === 'FATAL' || severity === 'PANIC') this.backendFatalRelayed = true;
+    }
     if (substitute === null) this.tenant.stats.errors++;
     this.requestFailed = true;
     // "cached plan must not change result type": the proxy-named statement on this backend is stale.
@@ -1683,7 +1691,13 @@ export class ClientSession implements ServerRelay {
     this.server = null;
     this.pool!.release(conn, false, this.identity!.tenant);
     this.log.warn({ err: err?.message }, 'backend connection lost while serving the client');
-    this.fatal({ code: '08006', message: 'server connection closed unexpectedly' });
+    if (!this.backendFatalRelayed) {
+      this.fatal({ code: '08006', message: 'server connection closed unexpectedly' });
+      return;
+    }
+    this.phase = 'closed';
+    if (!this.socket.destroyed) this.socket.end();
+    this.cleanup();
   }
 
   // ── cancel and close ───────────────────────────────────────────────────────────────
