@@ -195,6 +195,18 @@ static Channel *channel_arg(napi_env env, napi_value v) {
   return (Channel *)p;
 }
 
+// A call whose first argument is a channel: its arguments into argv, and the channel (NULL, with a
+// TypeError thrown, when arguments are missing or the first is not a channel).
+static Channel *channel_args(napi_env env, napi_callback_info info, napi_value *argv, size_t want) {
+  size_t argc = want;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc < want) {
+    napi_throw_type_error(env, NULL, "fastio: missing arguments");
+    return NULL;
+  }
+  return channel_arg(env, argv[0]);
+}
+
 // open(fd, onEvent) -> channel. Duplicates fd, so the caller closes its own copy.
 static napi_value js_open(napi_env env, napi_callback_info info) {
   size_t argc = 2;
@@ -242,10 +254,8 @@ static napi_value js_open(napi_env env, napi_callback_info info) {
 
 // write(channel, buffer) -> 0 written, 1 queued, -errno
 static napi_value js_write(napi_env env, napi_callback_info info) {
-  size_t argc = 2;
   napi_value argv[2];
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  Channel *c = channel_arg(env, argv[0]);
+  Channel *c = channel_args(env, info, argv, 2);
   if (c == NULL) return NULL;
   if (c->closing) return make_int(env, -EPIPE);
   char *data;
@@ -275,10 +285,8 @@ static napi_value js_write(napi_env env, napi_callback_info info) {
 
 // writev(channel, buffers[]) -> as write; one syscall for what a corked writer collected.
 static napi_value js_writev(napi_env env, napi_callback_info info) {
-  size_t argc = 2;
   napi_value argv[2];
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  Channel *c = channel_arg(env, argv[0]);
+  Channel *c = channel_args(env, info, argv, 2);
   if (c == NULL) return NULL;
   if (c->closing) return make_int(env, -EPIPE);
   uint32_t count;
@@ -337,10 +345,8 @@ static napi_value js_writev(napi_env env, napi_callback_info info) {
 
 // setReading(channel, bool): pause and resume without losing bytes (they stay in the kernel).
 static napi_value js_set_reading(napi_env env, napi_callback_info info) {
-  size_t argc = 2;
   napi_value argv[2];
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  Channel *c = channel_arg(env, argv[0]);
+  Channel *c = channel_args(env, info, argv, 2);
   if (c == NULL) return NULL;
   bool on = false;
   napi_get_value_bool(env, argv[1], &on);
@@ -353,10 +359,8 @@ static napi_value js_set_reading(napi_env env, napi_callback_info info) {
 
 // shutdown(channel): half-closes once the queue is written; returns 0 done now, 1 deferred, -errno.
 static napi_value js_shutdown(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
   napi_value argv[1];
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  Channel *c = channel_arg(env, argv[0]);
+  Channel *c = channel_args(env, info, argv, 1);
   if (c == NULL) return NULL;
   if (c->closing) return make_int(env, -EPIPE);
   if (c->queue_end > c->queue_start) {
@@ -367,10 +371,8 @@ static napi_value js_shutdown(napi_env env, napi_callback_info info) {
 }
 
 static napi_value js_queued(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
   napi_value argv[1];
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  Channel *c = channel_arg(env, argv[0]);
+  Channel *c = channel_args(env, info, argv, 1);
   if (c == NULL) return NULL;
   return make_int(env, (int)(c->queue_end - c->queue_start));
 }
@@ -394,10 +396,8 @@ static napi_value js_set_read_buffer(napi_env env, napi_callback_info info) {
 }
 
 static napi_value js_close(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
   napi_value argv[1];
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  Channel *c = channel_arg(env, argv[0]);
+  Channel *c = channel_args(env, info, argv, 1);
   if (c != NULL) close_channel(c);
   return NULL;
 }
