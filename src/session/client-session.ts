@@ -5,7 +5,6 @@
 // backend goes back to its pool (transaction/statement mode).
 import { randomBytes } from 'node:crypto';
 import { Socket } from 'node:net';
-import { adoptSocket, type ByteStream } from '../io/native-socket.js';
 import { TLSSocket, type SecureContext } from 'node:tls';
 import type { Logger } from 'pino';
 import type { CredentialStore } from '../auth/credentials.js';
@@ -13,6 +12,7 @@ import { TokenRefused, type JwtVerifier } from '../auth/jwt.js';
 import { md5Matches, md5Secret } from '../auth/md5.js';
 import { cachedDerive, mockScramKeys, ScramError, ScramServerExchange, type ScramKeys } from '../auth/scram.js';
 import type { Config } from '../config/schema.js';
+import { adoptSocket, type ByteStream } from '../io/native-socket.js';
 import { MessageFramer, ProtocolViolation, StartupFramer, type FrameSink } from '../protocol/framer.js';
 import { isLoopback } from '../protocol/tls.js';
 import {
@@ -243,9 +243,7 @@ export class ClientSession implements ServerRelay {
     private readonly preauthenticated: Identity | null = null,
   ) {
     this.log = ctx.log.child({ conn: this.id, client: `${socket.remoteAddress}:${socket.remotePort}` });
-    socket.on('data', this.onDataListener);
-    socket.on('error', (err) => this.log.debug({ err: err.message }, 'client socket error'));
-    socket.on('close', () => this.cleanup());
+    this.listenTo(socket);
     this.loginTimer = setTimeout(() => {
       if (this.phase === 'ready') return;
       this.fatal({ code: '08P01', message: 'login timed out' });
@@ -450,9 +448,13 @@ export class ClientSession implements ServerRelay {
     const fast = adoptSocket(this.socket);
     if (fast === null) return;
     this.socket = fast;
-    fast.on('data', this.onDataListener);
-    fast.on('error', (err) => this.log.debug({ err: err.message }, 'client socket error'));
-    fast.on('close', () => this.cleanup());
+    this.listenTo(fast);
+  }
+
+  private listenTo(socket: ClientTransport): void {
+    socket.on('data', this.onDataListener);
+    socket.on('error', (err) => this.log.debug({ err: err.message }, 'client socket error'));
+    socket.on('close', () => this.cleanup());
   }
 
   private loginFailed(err: unknown): void {
