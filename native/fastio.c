@@ -40,7 +40,8 @@ typedef struct Channel {
 } Channel;
 
 // One read buffer for every channel, owned by JS (setReadBuffer): JS slices each read out of Node's
-// Buffer pool, which costs no malloc for the small reads a relay mostly sees.
+// Buffer pool, which costs no malloc for the small reads a relay mostly sees. One buffer per process
+// means one JS thread: the proxy uses the addon from the main thread only, never from workers.
 static char *read_buffer = NULL;
 static size_t read_buffer_len = 0;
 static napi_ref read_buffer_ref = NULL;
