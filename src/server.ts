@@ -49,9 +49,11 @@ export class ProxyServer {
     const credentials = new CredentialStore(config.auth, loaded.baseDir);
     const tenants = new TenantRegistry(config.multi_tenancy);
     this.backendTls = backendTlsOptions(config.backend_tls, loaded.baseDir);
+    // socket_layer as it takes effect: "auto" without the built addon is Node's sockets.
+    const nativeSocket = config.socket_layer !== 'node' && nativeSocketLayer.available;
     const pools = new PoolManager(
       config,
-      { host: node.host, port: node.port, tls: this.backendTls, nativeSocket: config.socket_layer !== 'node' },
+      { host: node.host, port: node.port, tls: this.backendTls, nativeSocket },
       credentials,
       () => tenants.all(),
     );
@@ -71,7 +73,7 @@ export class ProxyServer {
       shuttingDown: false,
       tls: null,
       jwt: null,
-      nativeSocket: config.socket_layer !== 'node',
+      nativeSocket,
     };
     this.ctx = ctx;
     this.loadIdentityMaterial(loaded);
@@ -138,7 +140,7 @@ export class ProxyServer {
       }
     }
     const node = primaryNode(loaded.config);
-    log.info({ listen: `${proxy.host}:${proxy.port}`, admin: proxy.admin?.listener.address ?? null, http: proxy.gateway?.listener.address ?? null, tls: loaded.config.tls?.mode ?? 'disable', backend: `${node.host}:${node.port}`, mode: loaded.config.pool_mode.mode, socketLayer: loaded.config.socket_layer !== 'node' && nativeSocketLayer.available ? 'native' : 'node' }, 'heliosproxy listening');
+    log.info({ listen: `${proxy.host}:${proxy.port}`, admin: proxy.admin?.listener.address ?? null, http: proxy.gateway?.listener.address ?? null, tls: loaded.config.tls?.mode ?? 'disable', backend: `${node.host}:${node.port}`, mode: loaded.config.pool_mode.mode, socketLayer: proxy.ctx.nativeSocket ? 'native' : 'node' }, 'heliosproxy listening');
     if (loaded.config.socket_layer === 'auto' && !nativeSocketLayer.available) log.warn({ reason: nativeSocketLayer.reason }, 'relaying on Node sockets');
     return proxy;
   }

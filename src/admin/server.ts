@@ -6,7 +6,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import { connect } from 'node:net';
 import { primaryNode } from '../config/load.js';
 import { listenHttp, type HttpListener } from '../http/listen.js';
-import { nativeSocketLayer, nativeSocketStats } from '../io/native-socket.js';
+import { nativeSocketStats } from '../io/native-socket.js';
 import type { ServerTlsMaterial } from '../protocol/tls.js';
 import type { ProxyServer } from '../server.js';
 import type { Tenant } from '../tenancy/registry.js';
@@ -188,7 +188,7 @@ export class AdminServer {
       uptime_secs: this.uptime(),
       tenants: this.proxy.ctx.tenants.all().length,
       clients: this.proxy.ctx.sessions.size,
-      socket_layer: { mode: this.proxy.ctx.nativeSocket && nativeSocketLayer.available ? 'native' : 'node', native_sockets: nativeSocketStats.open },
+      socket_layer: { mode: this.proxy.ctx.nativeSocket ? 'native' : 'node', native_sockets: nativeSocketStats.open },
       queries: sum((t) => t.stats.queries),
       errors: sum((t) => t.stats.errors),
       rejections: { ...rejections, total: Object.values(rejections).reduce((a, b) => a + b, 0) },

@@ -76,7 +76,7 @@ export interface SessionContext {
   tls: SecureContext | null;
   /** [multi_tenancy.identification.jwt], rebuilt on reload; null when not configured. */
   jwt: JwtVerifier | null;
-  /** socket_layer as read at start: move logged-in plaintext clients onto the native socket layer. */
+  /** socket_layer as it took effect at start (native and built): move logged-in plaintext clients onto it. */
   nativeSocket: boolean;
 }
 
