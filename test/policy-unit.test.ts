@@ -220,6 +220,44 @@ describe('literal normalisation for the verdict cache', () => {
   test('identifiers, comments and quoted names are never rewritten', () => {
     assert.equal(normalizeLiterals('SELECT t1.c2 FROM "x 1" -- 5\n'), 'SELECT t1.c2 FROM "x 1" -- 5\n');
   });
+  test('multi-byte text: identifiers and literals in UTF-8, empty strings, doubled quotes', () => {
+    assert.equal(normalizeLiterals("SELECT 'é''x' FROM tàble WHERE ünïcode = 5 AND s = ''"), "SELECT '?' FROM tàble WHERE ünïcode = ? AND s = '?'");
+    assert.equal(normalizeLiterals('SELECT "a""b" FROM "sch""ema".t WHERE x = 1'), 'SELECT "a""b" FROM "sch""ema".t WHERE x = ?');
+    assert.equal(normalizeLiterals("SELECT 1 /* it's /* nested */ 2 */ -- don't\nFROM t WHERE a = 'x'"), "SELECT ? /* it's /* nested */ 2 */ -- don't\nFROM t WHERE a = '?'");
+    // Inside a plain literal a backslash is an ordinary character: the proxy holds standard_conforming_strings on.
+    assert.equal(normalizeLiterals("SELECT 'a\\b'"), "SELECT '?'");
+    assert.equal(normalizeLiterals('SELECT "unterminated'), null);
+    assert.equal(normalizeLiterals("SELECT 'unterminated"), null);
+  });
+  test('a statement read from a message buffer at an offset gets the facts of the same text', () => {
+    const c = new FactsCache();
+    const sql = "SELECT * FROM acme.orders WHERE id = 42";
+    const msg = Buffer.concat([Buffer.from('Q\0\0\0\0'), Buffer.from(sql), Buffer.from([0])]);
+    const fromBytes = c.lookupText(msg, 5, msg.length - 1);
+    assert.ok(Array.isArray(fromBytes));
+    assert.deepEqual(fromBytes[0]!.relations, (cache.lookup(sql) as typeof fromBytes)[0]!.relations);
+    // the same shape with another literal is a cache hit: the very same facts object
+    const other = Buffer.from("SELECT * FROM acme.orders WHERE id = 7");
+    assert.equal(c.lookupText(other, 0, other.length), fromBytes);
+  });
+  test('statements that differ outside their literals never share facts, through eviction too', () => {
+    const c = new FactsCache(20);
+    for (let round = 0; round < 3; round++) {
+      for (let i = 0; i < 60; i++) {
+        for (const schema of ['acme', 'globex']) {
+          const r = c.lookup(`SELECT * FROM ${schema}.t${i} WHERE id = ${round * 1000 + i}`);
+          assert.ok(Array.isArray(r));
+          assert.deepEqual(r[0]!.relations.map((q) => `${q.schema}.${q.name}`), [`${schema}.t${i}`]);
+        }
+      }
+      assert.ok(c.size <= 20, `cache holds ${c.size} entries`);
+    }
+    // schema-qualified vs quoted vs commented: each its own key
+    assert.equal(verdictWith(c, 'SELECT * FROM acme.orders WHERE id = 1'), null);
+    assert.equal(verdictWith(c, 'SELECT * FROM "globex".orders WHERE id = 1'), '42501');
+    assert.equal(verdictWith(c, 'SELECT * FROM /* acme. */ globex.orders WHERE id = 1'), '42501');
+    assert.equal(verdictWith(c, 'SELECT * FROM acme.orders WHERE id = 1; SELECT * FROM globex.orders'), '42501');
+  });
   test('literal-dependent facts are not shared through the normalised key', () => {
     const c = new FactsCache();
     assert.equal(verdictWith(c, "SELECT nextval('acme.orders_id_seq')"), null);

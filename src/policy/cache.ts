@@ -1,152 +1,216 @@
 // policy/ owns what a tenant's SQL may do. This file caches classifications by SQL text. Simple-protocol
-// clients send a new text for every literal value, so a second key replaces literals with '?': it is used
+// clients send a new text for every literal value, so the main key replaces literals with '?': it is used
 // only for statements whose facts provably do not depend on literal values, and the scanner that builds it
 // gives up (no key) on anything it is not certain about — escape strings, dollar quotes, backslashes.
+// The key is built from the message's bytes, so a hit never decodes the text or builds a string: this
+// lookup runs for every statement a tenant with guardrails sends.
 import { classify, ParseFailure, type StatementFacts } from './classify.js';
 
 export type Classification = StatementFacts[] | ParseFailure;
 
+/** One normalised text and its facts; entries whose keys share a hash are chained. */
+interface KeyedFacts {
+  key: Buffer;
+  facts: StatementFacts[];
+  next: KeyedFacts | null;
+}
+
 export class FactsCache {
+  /** Texts with no literal-free key, or whose facts depend on literals: cached by their exact text. */
   private readonly exact = new Map<string, Classification>();
-  private readonly normalized = new Map<string, StatementFacts[]>();
+  /** Hash of the literal-free key → entries. */
+  private readonly normalized = new Map<number, KeyedFacts>();
+  private normalizedCount = 0;
+  /** Where keys are built; reused, so a lookup allocates nothing. */
+  private scratch = Buffer.allocUnsafe(4096);
 
   constructor(private readonly maxEntries = 10_000) {}
 
   get size(): number {
-    return this.exact.size + this.normalized.size;
+    return this.exact.size + this.normalizedCount;
   }
 
   lookup(sql: string): Classification {
-    const hit = this.exact.get(sql);
-    if (hit !== undefined) return hit;
-    const key = normalizeLiterals(sql);
-    if (key !== null) {
-      const n = this.normalized.get(key);
-      if (n !== undefined) return n;
+    const bytes = Buffer.from(sql, 'utf8');
+    return this.lookupText(bytes, 0, bytes.length, sql);
+  }
+
+  /** Facts for the UTF-8 SQL text in buf[start, end). `sql` is that text when the caller already has it. */
+  lookupText(buf: Buffer, start: number, end: number, sql: string | null = null): Classification {
+    if (this.scratch.length < 2 * (end - start) + 2) this.scratch = Buffer.allocUnsafe(2 * (end - start) + 2);
+    const scratch = this.scratch;
+    const keyLength = normalizeInto(buf, start, end, scratch);
+    let hash = 0;
+    if (keyLength >= 0) {
+      hash = hashBytes(scratch, keyLength);
+      for (let e = this.normalized.get(hash) ?? null; e !== null; e = e.next) {
+        if (e.key.length === keyLength && sameBytes(scratch, e.key, keyLength)) return e.facts;
+      }
     }
+    const text = sql ?? buf.toString('utf8', start, end);
+    const hit = this.exact.get(text);
+    if (hit !== undefined) return hit;
     let result: Classification;
     try {
-      result = classify(sql);
+      result = classify(text);
     } catch (err) {
       result = err instanceof ParseFailure ? err : new ParseFailure(String(err));
     }
-    this.remember(this.exact, sql, result);
-    if (key !== null && !(result instanceof ParseFailure) && !result.some((f) => f.literalsMatter)) {
-      this.remember(this.normalized, key, result);
+    if (keyLength >= 0 && !(result instanceof ParseFailure) && !result.some((f) => f.literalsMatter)) {
+      this.rememberNormalized(hash, Buffer.from(scratch.subarray(0, keyLength)), result);
+    } else {
+      if (this.exact.size >= this.maxEntries) dropOldestTenth(this.exact, this.maxEntries);
+      this.exact.set(text, result);
     }
     return result;
   }
 
-  private remember<V>(map: Map<string, V>, key: string, value: V): void {
-    if (map.size >= this.maxEntries) {
-      // Drop the oldest tenth: cheaper than true LRU bookkeeping on every hit.
+  private rememberNormalized(hash: number, key: Buffer, facts: StatementFacts[]): void {
+    if (this.normalizedCount >= this.maxEntries) {
+      // Drop the oldest tenth (Map keeps insertion order): cheaper than true LRU bookkeeping on every hit.
       let drop = Math.ceil(this.maxEntries / 10);
-      for (const k of map.keys()) {
-        map.delete(k);
-        if (--drop === 0) break;
+      for (const [h, e] of this.normalized) {
+        this.normalized.delete(h);
+        for (let x: KeyedFacts | null = e; x !== null; x = x.next) this.normalizedCount--;
+        if (--drop <= 0) break;
       }
     }
-    map.set(key, value);
+    this.normalized.set(hash, { key, facts, next: this.normalized.get(hash) ?? null });
+    this.normalizedCount++;
   }
 }
 
+function dropOldestTenth<K, V>(map: Map<K, V>, maxEntries: number): void {
+  let drop = Math.ceil(maxEntries / 10);
+  for (const k of map.keys()) {
+    map.delete(k);
+    if (--drop === 0) break;
+  }
+}
+
+/** Keys are short: a loop beats Buffer.compare's argument checks and native call. */
+function sameBytes(a: Buffer, b: Buffer, n: number): boolean {
+  for (let i = 0; i < n; i++) if (a[i] !== b[i]) return false;
+  return true;
+}
+
+/** FNV-1a over the key's bytes. */
+function hashBytes(b: Buffer, n: number): number {
+  let h = 0x811c9dc5;
+  for (let i = 0; i < n; i++) h = Math.imul(h ^ b[i]!, 0x01000193);
+  return h >>> 0;
+}
+
 const isDigit = (c: number): boolean => c >= 48 && c <= 57;
+// Every byte of a multi-byte UTF-8 character is ≥ 128, and PostgreSQL takes those as identifier characters.
 const isIdentStart = (c: number): boolean => (c >= 65 && c <= 90) || (c >= 97 && c <= 122) || c === 95 || c >= 128;
 const isIdentChar = (c: number): boolean => isIdentStart(c) || isDigit(c) || c === 36;
 
 /**
- * Replaces plain string and numeric literals with '?'. Returns null when the text holds anything whose
- * lexing is not certain here (E'', U&'', B'', X'', N'' prefixes, dollar quotes, backslashes), so such
- * statements are only ever cached by their exact text.
+ * Writes the text in buf[start, end) into `out` with plain string and numeric literals replaced by '?',
+ * and returns the key's length; -1 when the text holds anything whose lexing is not certain here (E'',
+ * U&'', B'', X'', N'' prefixes, dollar quotes, backslashes), so such statements are only ever cached by
+ * their exact text. `out` must hold 2 × (end − start) + 2 bytes ('' becomes '?').
  */
-export function normalizeLiterals(sql: string): string | null {
-  let out = '';
-  let i = 0;
-  let from = 0;
-  let changed = false;
-  const n = sql.length;
-  while (i < n) {
-    const c = sql.charCodeAt(i);
-    if (c === 92 /* \ */) return null;
-    if (c === 45 /* - */ && sql.charCodeAt(i + 1) === 45) {
-      const nl = sql.indexOf('\n', i);
-      i = nl < 0 ? n : nl + 1;
+function normalizeInto(buf: Buffer, start: number, end: number, out: Buffer): number {
+  let o = 0;
+  let i = start;
+  const at = (k: number): number => (k < end ? buf[k]! : -1);
+  while (i < end) {
+    const c = buf[i]!;
+    if (c === 92 /* \ */) return -1;
+    if (c === 45 /* - */ && at(i + 1) === 45) {
+      while (i < end && buf[i] !== 10) out[o++] = buf[i++]!;
       continue;
     }
-    if (c === 47 /* / */ && sql.charCodeAt(i + 1) === 42) {
+    if (c === 47 /* / */ && at(i + 1) === 42) {
       let depth = 1;
+      out[o++] = 47;
+      out[o++] = 42;
       i += 2;
-      while (i < n && depth > 0) {
-        if (sql.charCodeAt(i) === 47 && sql.charCodeAt(i + 1) === 42) {
-          depth++;
-          i += 2;
-        } else if (sql.charCodeAt(i) === 42 && sql.charCodeAt(i + 1) === 47) {
-          depth--;
-          i += 2;
-        } else i++;
+      while (i < end && depth > 0) {
+        if (buf[i] === 47 && at(i + 1) === 42) depth++;
+        else if (buf[i] === 42 && at(i + 1) === 47) depth--;
+        else {
+          out[o++] = buf[i++]!;
+          continue;
+        }
+        out[o++] = buf[i++]!;
+        out[o++] = buf[i++]!;
       }
-      if (depth > 0) return null;
+      if (depth > 0) return -1;
       continue;
     }
     if (c === 34 /* " */) {
-      const end = sql.indexOf('"', i + 1);
-      if (end < 0) return null;
-      i = end + 1;
-      while (sql.charCodeAt(i) === 34) {
-        const e2 = sql.indexOf('"', i + 1);
-        if (e2 < 0) return null;
-        i = e2 + 1;
+      // A quoted name, "" inside it included, is copied as it is.
+      out[o++] = buf[i++]!;
+      for (;;) {
+        if (i >= end) return -1;
+        const q = buf[i]!;
+        out[o++] = q;
+        i++;
+        if (q === 34) {
+          if (at(i) !== 34) break;
+          out[o++] = 34;
+          i++;
+        }
       }
       continue;
     }
     if (c === 36 /* $ */) {
-      if (!isDigit(sql.charCodeAt(i + 1))) return null; // dollar quote
-      i++;
-      while (isDigit(sql.charCodeAt(i))) i++;
+      if (!isDigit(at(i + 1))) return -1; // dollar quote
+      out[o++] = buf[i++]!;
+      while (isDigit(at(i))) out[o++] = buf[i++]!;
       continue;
     }
     if (isIdentStart(c)) {
-      while (i < n && isIdentChar(sql.charCodeAt(i))) i++;
+      while (i < end && isIdentChar(buf[i]!)) out[o++] = buf[i++]!;
       // A prefix glued to a quote is a special string form (E'…', B'…', U&'…', N'…').
-      if (sql.charCodeAt(i) === 39 || (sql.charCodeAt(i) === 38 && sql.charCodeAt(i + 1) === 39)) return null;
+      if (at(i) === 39 || (at(i) === 38 && at(i + 1) === 39)) return -1;
       continue;
     }
     if (c === 39 /* ' */) {
       let j = i + 1;
       for (;;) {
-        const e = sql.indexOf("'", j);
-        if (e < 0) return null;
-        if (sql.charCodeAt(e + 1) === 39) {
-          j = e + 2;
-          continue;
-        }
-        j = e + 1;
-        break;
+        if (j >= end) return -1;
+        if (buf[j] === 39) {
+          if (at(j + 1) !== 39) break;
+          j += 2;
+        } else j++;
       }
-      out += sql.slice(from, i) + "'?'";
-      from = i = j;
-      changed = true;
+      out[o++] = 39;
+      out[o++] = 63;
+      out[o++] = 39;
+      i = j + 1;
       continue;
     }
-    if (isDigit(c) || (c === 46 && isDigit(sql.charCodeAt(i + 1)))) {
+    if (isDigit(c) || (c === 46 && isDigit(at(i + 1)))) {
       let j = i;
-      while (j < n && (isDigit(sql.charCodeAt(j)) || sql.charCodeAt(j) === 46)) j++;
-      if (sql.charCodeAt(j) === 101 || sql.charCodeAt(j) === 69) {
+      while (j < end && (isDigit(buf[j]!) || buf[j] === 46)) j++;
+      if (at(j) === 101 || at(j) === 69) {
         // exponent: 1e10, 1.5E-3
         let k = j + 1;
-        if (sql.charCodeAt(k) === 43 || sql.charCodeAt(k) === 45) k++;
-        if (isDigit(sql.charCodeAt(k))) {
+        if (at(k) === 43 || at(k) === 45) k++;
+        if (isDigit(at(k))) {
           j = k;
-          while (isDigit(sql.charCodeAt(j))) j++;
+          while (isDigit(at(j))) j++;
         }
       }
-      if (isIdentStart(sql.charCodeAt(j))) return null; // 1abc: not a plain number
-      out += sql.slice(from, i) + '?';
-      from = i = j;
-      changed = true;
+      if (isIdentStart(at(j))) return -1; // 1abc: not a plain number
+      out[o++] = 63;
+      i = j;
       continue;
     }
+    out[o++] = c;
     i++;
   }
-  return changed ? out + sql.slice(from) : sql;
+  return o;
+}
+
+/** The literal-free key of a SQL text (as a string, for tests and logs), or null when there is none. */
+export function normalizeLiterals(sql: string): string | null {
+  const bytes = Buffer.from(sql, 'utf8');
+  const out = Buffer.allocUnsafe(2 * bytes.length + 2);
+  const n = normalizeInto(bytes, 0, bytes.length, out);
+  return n < 0 ? null : out.toString('utf8', 0, n);
 }
