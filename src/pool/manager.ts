@@ -119,7 +119,7 @@ export class PoolManager {
   }
 
   private maintain(): void {
-    const now = Date.now();
+    const now = performance.now(); // the clock of ServerConnection.createdAt/lastUsedAt
     for (const p of this.pools.values()) p.maintain(now);
   }
 

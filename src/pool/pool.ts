@@ -104,7 +104,7 @@ export class Pool {
         this.waiters.push(w);
         this.pump();
       });
-      if (fresh !== null || !this.limits.testOnAcquire || Date.now() - conn.lastUsedAt < TEST_AFTER_IDLE_MS) return conn;
+      if (fresh !== null || !this.limits.testOnAcquire || performance.now() - conn.lastUsedAt < TEST_AFTER_IDLE_MS) return conn;
       try {
         await conn.run(['']);
         return conn;
@@ -120,7 +120,7 @@ export class Pool {
    */
   tryTake(tenant: Tenant): ServerConnection | null {
     if (this.waiters.length > 0 || this.idle.length === 0 || tenant.backendsInUse >= tenant.maxBackends) return null;
-    const now = Date.now();
+    const now = performance.now();
     const conn = this.takeIdle(tenant.ownerKey, now);
     if (conn === undefined) return null;
     if (this.limits.testOnAcquire && now - conn.lastUsedAt >= TEST_AFTER_IDLE_MS) {
@@ -163,7 +163,7 @@ export class Pool {
         continue;
       }
       let conn: ServerConnection | undefined;
-      if (w.fresh === null && this.idle.length > 0) conn = this.takeIdle(w.tenant.ownerKey, Date.now());
+      if (w.fresh === null && this.idle.length > 0) conn = this.takeIdle(w.tenant.ownerKey, performance.now());
       if (conn !== undefined) {
         this.waiters.splice(i, 1);
         this.handOut(w, conn);
@@ -228,7 +228,7 @@ export class Pool {
         if (fallback > i) fallback--;
         continue;
       }
-      if (c.owner === ownerKey) return this.idle.splice(i, 1)[0];
+      if (c.owner === ownerKey) return i === this.idle.length - 1 ? this.idle.pop() : this.idle.splice(i, 1)[0];
       if (fallback < 0) fallback = i;
     }
     return fallback < 0 ? undefined : this.idle.splice(fallback, 1)[0];
@@ -250,7 +250,7 @@ export class Pool {
   release(conn: ServerConnection, reusable: boolean, tenant?: Tenant): void {
     if (!this.busy.delete(conn)) return;
     if (tenant !== undefined) tenant.backendsInUse--;
-    const now = Date.now();
+    const now = performance.now();
     const expired = now - conn.createdAt >= this.limits.maxLifetimeMs;
     // After a reload shrank the pool or its group, a returning connection above the cap closes.
     const surplus = this.size >= this.limits.maxSize || this.group.size >= this.group.max;
