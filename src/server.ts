@@ -81,8 +81,8 @@ export class ProxyServer {
     this.server = createServer({ noDelay: true }, (socket) => this.accept(socket));
     // One timer for every statement's max_query_duration, not one per statement.
     this.durationWatch = setInterval(() => {
-      const now = Date.now();
-      for (const session of ctx.running) session.checkDuration(now);
+      const now = performance.now();
+      for (const session of ctx.running) if (!session.checkDuration(now)) ctx.running.delete(session);
     }, 100);
     this.durationWatch.unref();
   }

@@ -161,7 +161,7 @@ export class ClientSession implements ServerRelay {
   private refusal: Rejection | null = null;
   private judgedFacts: StatementFacts[] | null = null;
   private skippingUntilSync = false;
-  /** When the statement now running started (ms), 0 when none; watched against max_query_duration. */
+  /** When the statement now running started (performance.now(), ms), 0 when none; watched against max_query_duration. */
   private runningSince = 0;
   /** Why the proxy itself cancelled the running statement, so its 57014 can be reworded. */
   private cancelReason: 'duration' | 'result' | null = null;
@@ -191,10 +191,12 @@ export class ClientSession implements ServerRelay {
   private readonly clientParams = new Map<string, string>();
 
   // client messages not yet forwarded (waiting for a backend), kept as offsets into the chunks that carried them
-  private inBufs: Buffer[] = [];
-  private inStarts: number[] = [];
-  private inEnds: number[] = [];
+  // (the arrays are reused: entries from inHead to inTail are live; truncating them costs a runtime call)
+  private readonly inBufs: (Buffer | null)[] = [];
+  private readonly inStarts: number[] = [];
+  private readonly inEnds: number[] = [];
   private inHead = 0;
+  private inTail = 0;
   private blocked = false;
 
   // runs of consecutive bytes to forward unchanged, written as one subarray
@@ -210,9 +212,16 @@ export class ClientSession implements ServerRelay {
 
   private readonly inboxSink: FrameSink = {
     message: (buf, start, end) => {
-      this.inBufs.push(buf);
-      this.inStarts.push(start);
-      this.inEnds.push(end);
+      const i = this.inTail++;
+      if (i < this.inBufs.length) {
+        this.inBufs[i] = buf;
+        this.inStarts[i] = start;
+        this.inEnds[i] = end;
+      } else {
+        this.inBufs.push(buf);
+        this.inStarts.push(start);
+        this.inEnds.push(end);
+      }
     },
     batchEnd: () => this.drainInbox(),
   };
@@ -693,7 +702,7 @@ export class ClientSession implements ServerRelay {
     let sock = this.server?.socket;
     sock?.cork();
     try {
-      while (this.inHead < this.inBufs.length) {
+      while (this.inHead < this.inTail) {
         const buf = this.inBufs[this.inHead]!;
         const start = this.inStarts[this.inHead]!;
         const end = this.inEnds[this.inHead]!;
@@ -767,10 +776,10 @@ export class ClientSession implements ServerRelay {
         else this.forwardClientMessage(buf, start, end, type);
       }
       this.flushToServer();
-      this.inBufs.length = 0;
-      this.inStarts.length = 0;
-      this.inEnds.length = 0;
+      // Drop the chunks (a stale one would pin its slab of Node's buffer pool while the client idles).
+      for (let i = 0; i < this.inTail; i++) this.inBufs[i] = null;
       this.inHead = 0;
+      this.inTail = 0;
       this.judgedIndex = -1;
     } finally {
       sock?.uncork();
@@ -852,8 +861,7 @@ export class ClientSession implements ServerRelay {
     this.judgedFacts = null;
     switch (type) {
       case Msg.Query: {
-        const sql = buf.toString('utf8', start + 5, end - 1);
-        const verdict = this.judgeSql(sql);
+        const verdict = this.judgeSql(buf, start + 5, end - 1);
         if (verdict !== null) return verdict;
         const statements = this.judgedFacts === null ? 1 : Math.max(1, (this.judgedFacts as StatementFacts[]).length);
         return this.takeTokens(statements);
@@ -862,7 +870,7 @@ export class ClientSession implements ServerRelay {
         const span = parseNameSpan(buf, start, end);
         if (span === null) return null; // malformed: PostgreSQL will say so
         const queryEnd = buf.indexOf(0, span[1] + 1);
-        return this.judgeSql(buf.toString('utf8', span[1] + 1, queryEnd < 0 || queryEnd >= end ? end : queryEnd));
+        return this.judgeSql(buf, span[1] + 1, queryEnd < 0 || queryEnd >= end ? end : queryEnd);
       }
       case Msg.Execute:
         return this.takeTokens(1);
@@ -876,12 +884,15 @@ export class ClientSession implements ServerRelay {
     }
   }
 
-  private judgeSql(sql: string): Rejection | null {
+  /** Judges the SQL text in buf[start, end) (UTF-8). */
+  private judgeSql(buf: Buffer, start: number, end: number): Rejection | null {
     const tenant = this.identity!.tenant;
-    if (sql.length > MAX_CHECKED_SQL) {
+    // The limit counts characters; only a text with more bytes than that can have too many.
+    const sql = end - start > MAX_CHECKED_SQL ? buf.toString('utf8', start, end) : null;
+    if (sql !== null && sql.length > MAX_CHECKED_SQL) {
       return { code: '54000', reason: 'too_long', message: `statement too long for tenant "${tenant.id}": the proxy checks statements up to ${MAX_CHECKED_SQL} characters` };
     }
-    const facts = this.ctx.statements.lookup(sql);
+    const facts = this.ctx.statements.lookupText(buf, start, end, sql);
     if (facts instanceof ParseFailure) return null; // nothing unparsable can run: PostgreSQL reports the syntax error
     for (const f of facts) {
       const r = checkStatement(f, tenant.rules);
@@ -959,29 +970,32 @@ export class ClientSession implements ServerRelay {
     this.ctx.sendCancel(this.server);
   }
 
-  /** Called by the proxy's duration watch (every 100 ms) for sessions with a statement running. */
-  checkDuration(now: number): void {
+  /**
+   * Called by the proxy's duration watch (every 100 ms) for sessions that started a statement; false when
+   * none is running any more, and the watch then stops looking at this session.
+   */
+  checkDuration(now: number): boolean {
+    if (this.runningSince === 0) return false;
     const limit = this.identity?.tenant.maxDurationMs ?? null;
-    if (limit === null || this.runningSince === 0 || this.cancelReason !== null) return;
-    if (now - this.runningSince > limit) this.cancelFor('duration');
+    if (limit !== null && this.cancelReason === null && now - this.runningSince > limit) this.cancelFor('duration');
+    return true;
   }
 
   /** A statement (or a whole simple Query) finished: the next one in flight, if any, starts its clock now. */
   private statementDone(): void {
     this.rowCount = 0;
     this.byteCount = 0;
-    if (this.expect.length > 0 && this.runningSince !== 0) this.runningSince = Date.now();
-    else if (this.runningSince !== 0) {
-      this.runningSince = 0;
-      this.ctx.running.delete(this);
-    }
+    // The duration watch drops the session from ctx.running itself: no Set churn per statement.
+    if (this.expect.length > 0 && this.runningSince !== 0) this.runningSince = performance.now();
+    else this.runningSince = 0;
   }
 
   private statementStarted(): void {
     const tenant = this.identity!.tenant;
     tenant.stats.queries++;
     if (this.runningSince === 0 && tenant.maxDurationMs !== null) {
-      this.runningSince = Date.now();
+      // The request's own start time when this is its first statement: one clock read, not two.
+      this.runningSince = this.expect.length <= 1 ? this.requestStartedAt : performance.now();
       this.ctx.running.add(this);
     }
   }
@@ -1117,7 +1131,8 @@ export class ClientSession implements ServerRelay {
    * rewritten to that name (the client gets PostgreSQL's own answer). Returns false when not applicable.
    */
   private forwardDeallocate(buf: Buffer, from: number, to: number, parseName: string | null): boolean {
-    if (to - from > 200) return false;
+    // Nothing tracked (most clients of a simple-protocol Query): no text to decode and match.
+    if (this.statements.size === 0 || to - from > 200) return false;
     const m = DEALLOCATE_ONE.exec(buf.toString('utf8', from, to));
     if (m === null) return false;
     const name = m[1] !== undefined ? m[1].replace(/""/g, '"') : m[2]!.toLowerCase();
@@ -1141,13 +1156,13 @@ export class ClientSession implements ServerRelay {
 
   /** The same for an extended-protocol Parse whose text is `DEALLOCATE name` (psycopg sends it so). */
   private forwardDeallocateParse(buf: Buffer, start: number, end: number): boolean {
+    if (this.statements.size === 0) return false;
     const span = parseNameSpan(buf, start, end);
     if (span === null) return false;
+    if (span[1] > span[0]) return false; // a named Parse of DEALLOCATE: leave it to the server
     const queryEnd = buf.indexOf(0, span[1] + 1);
     if (queryEnd < 0 || queryEnd >= end) return false;
-    const parseName = buf.toString('utf8', span[0], span[1]);
-    if (parseName !== '') return false; // a named Parse of DEALLOCATE: leave it to the server
-    return this.forwardDeallocate(buf, span[1] + 1, queryEnd, parseName);
+    return this.forwardDeallocate(buf, span[1] + 1, queryEnd, '');
   }
 
   /** A named Parse: answer it locally when this backend already has the statement, else send it renamed. */

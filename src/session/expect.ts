@@ -30,51 +30,66 @@ export const enum Expect {
 
 /** A FIFO of small ints with a parallel payload slot, reused across requests to avoid per-message objects. */
 export class ExpectQueue {
-  private kinds: Expect[] = [];
-  private payloads: (string | null)[] = [];
+  // Entries from head to tail are live. The arrays keep their length across requests: truncating them is
+  // a runtime call, and a request pushes onto the same slots again.
+  private readonly kinds: Expect[] = [];
+  private readonly payloads: (string | null)[] = [];
   /** An ErrorResponse to send instead of the backend's, for requests the proxy replaced to refuse them. */
-  private substitutes: (Buffer | null)[] = [];
+  private readonly substitutes: (Buffer | null)[] = [];
   private head = 0;
+  private tail = 0;
 
   get length(): number {
-    return this.kinds.length - this.head;
+    return this.tail - this.head;
   }
 
   push(kind: Expect, payload: string | null = null, substitute: Buffer | null = null): void {
-    this.kinds.push(kind);
-    this.payloads.push(payload);
-    this.substitutes.push(substitute);
+    const i = this.tail++;
+    if (i < this.kinds.length) {
+      this.kinds[i] = kind;
+      this.payloads[i] = payload;
+      this.substitutes[i] = substitute;
+    } else {
+      this.kinds.push(kind);
+      this.payloads.push(payload);
+      this.substitutes.push(substitute);
+    }
   }
 
   peekSubstitute(): Buffer | null {
-    return this.substitutes[this.head] ?? null;
+    return this.head < this.tail ? this.substitutes[this.head]! : null;
   }
 
   peek(): Expect | undefined {
-    return this.kinds[this.head];
+    return this.head < this.tail ? this.kinds[this.head] : undefined;
   }
 
   peekPayload(): string | null {
-    return this.payloads[this.head] ?? null;
+    return this.head < this.tail ? this.payloads[this.head]! : null;
   }
 
   /** Removes and returns the newest entry (only right after a push). */
   popLast(): Expect {
-    this.payloads.pop();
-    this.substitutes.pop();
-    return this.kinds.pop()!;
+    const i = --this.tail;
+    this.payloads[i] = null;
+    this.substitutes[i] = null;
+    return this.kinds[i]!;
   }
 
   shift(): void {
-    this.head++;
-    if (this.head === this.kinds.length) this.clear();
+    if (this.head >= this.tail) return;
+    this.payloads[this.head] = null;
+    this.substitutes[this.head] = null;
+    if (++this.head === this.tail) this.head = this.tail = 0;
   }
 
   clear(): void {
-    this.kinds.length = 0;
-    this.payloads.length = 0;
-    this.substitutes.length = 0;
+    for (let i = this.head; i < this.tail; i++) {
+      this.payloads[i] = null;
+      this.substitutes[i] = null;
+    }
     this.head = 0;
+    this.tail = 0;
   }
 
   /** Whether nothing but the head request (and the Sync closing it) is in flight. */
@@ -86,12 +101,19 @@ export class ExpectQueue {
 
   /** Removes Sync entries behind the head (the backend ignores Sync while in COPY FROM STDIN). */
   dropSyncsAfterHead(): void {
-    for (let i = this.kinds.length - 1; i > this.head; i--) {
-      if (this.kinds[i] === Expect.Sync) {
-        this.kinds.splice(i, 1);
-        this.payloads.splice(i, 1);
-        this.substitutes.splice(i, 1);
-      }
+    if (this.tail - this.head <= 1) return;
+    let to = this.head + 1;
+    for (let from = this.head + 1; from < this.tail; from++) {
+      if (this.kinds[from] === Expect.Sync) continue;
+      this.kinds[to] = this.kinds[from]!;
+      this.payloads[to] = this.payloads[from]!;
+      this.substitutes[to] = this.substitutes[from]!;
+      to++;
     }
+    for (let i = to; i < this.tail; i++) {
+      this.payloads[i] = null;
+      this.substitutes[i] = null;
+    }
+    this.tail = to;
   }
 }
