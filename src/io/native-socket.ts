@@ -48,6 +48,9 @@ interface FastIo {
   close(ch: Channel): void;
 }
 
+/** EventEmitter's own listener type, for the overrides below. */
+type EmitterListener = Parameters<EventEmitter['on']>[1];
+
 const EV_DATA = 0;
 const EV_END = 1;
 const EV_ERROR = 2;
@@ -126,9 +129,17 @@ export class NativeSocket extends EventEmitter implements ByteStream {
   private readableEnded = false;
   private paused = false;
   private corked = 0;
-  private corkedBufs: Buffer[] = [];
+  // What a cork held back: the common case is one message, kept without an array.
+  private corkedFirst: Buffer | null = null;
+  private corkedRest: Buffer[] | null = null;
   private queued = false;
   private channel: Channel;
+  /**
+   * The relay's one 'data' listener, called directly: EventEmitter's lookup by event name is a
+   * megamorphic load on every read. Any further 'data' listener goes through the emitter.
+   */
+  private dataListener: ((chunk: Buffer) => void) | null = null;
+  private moreDataListeners = false;
 
   constructor(
     private readonly io: FastIo,
@@ -147,9 +158,10 @@ export class NativeSocket extends EventEmitter implements ByteStream {
       // A slice of Node's Buffer pool for small reads: the bytes outlive the shared read buffer.
       const chunk = Buffer.allocUnsafe(value);
       readBuffer.copy(chunk, 0, 0, value);
-      this.emit('data', chunk);
-    }
-    else if (kind === EV_DRAIN) {
+      const listener = this.dataListener;
+      if (listener !== null) listener(chunk);
+      if (this.moreDataListeners) this.emit('data', chunk);
+    } else if (kind === EV_DRAIN) {
       this.queued = false;
       if (this.writableEnded && this.readableEnded) this.destroy();
       else this.emit('drain');
@@ -166,7 +178,8 @@ export class NativeSocket extends EventEmitter implements ByteStream {
     if (this.destroyed || this.writableEnded) return false;
     const buf = typeof data === 'string' ? Buffer.from(data) : data;
     if (this.corked > 0) {
-      this.corkedBufs.push(buf);
+      if (this.corkedFirst === null) this.corkedFirst = buf;
+      else (this.corkedRest ??= []).push(buf);
       return !this.queued;
     }
     return this.sent(this.io.write(this.channel, buf));
@@ -188,10 +201,12 @@ export class NativeSocket extends EventEmitter implements ByteStream {
 
   uncork(): void {
     if (this.corked === 0 || --this.corked > 0) return;
-    const bufs = this.corkedBufs;
-    if (bufs.length === 0 || this.destroyed) return;
-    this.corkedBufs = [];
-    this.sent(bufs.length === 1 ? this.io.write(this.channel, bufs[0]!) : this.io.writev(this.channel, bufs));
+    const first = this.corkedFirst;
+    const rest = this.corkedRest;
+    if (first === null || this.destroyed) return;
+    this.corkedFirst = null;
+    this.corkedRest = null;
+    this.sent(rest === null ? this.io.write(this.channel, first) : this.io.writev(this.channel, [first, ...rest]));
   }
 
   pause(): this {
@@ -231,11 +246,46 @@ export class NativeSocket extends EventEmitter implements ByteStream {
     return this;
   }
 
+  override on(event: string | symbol, listener: EmitterListener): this {
+    if (event !== 'data') return super.on(event, listener);
+    if (this.dataListener === null) this.dataListener = listener as (chunk: Buffer) => void;
+    else {
+      this.moreDataListeners = true;
+      super.on(event, listener);
+    }
+    return this;
+  }
+
+  override addListener(event: string | symbol, listener: EmitterListener): this {
+    return this.on(event, listener);
+  }
+
+  // EventEmitter's once() removes its wrapper with removeListener, which off() is an alias of.
+  override removeListener(event: string | symbol, listener: EmitterListener): this {
+    if (event === 'data' && listener === this.dataListener) this.dataListener = null;
+    else super.removeListener(event, listener);
+    if (event === 'data') this.moreDataListeners = super.listenerCount('data') > 0;
+    return this;
+  }
+
+  override off(event: string | symbol, listener: EmitterListener): this {
+    return this.removeListener(event, listener);
+  }
+
+  override removeAllListeners(event?: string | symbol): this {
+    if (event === undefined || event === 'data') {
+      this.dataListener = null;
+      this.moreDataListeners = false;
+    }
+    return super.removeAllListeners(event);
+  }
+
   destroy(error?: Error): this {
     if (this.destroyed) return this;
     this.destroyed = true;
     this.writableEnded = true;
-    this.corkedBufs = [];
+    this.corkedFirst = null;
+    this.corkedRest = null;
     this.io.close(this.channel);
     nativeSocketStats.open--;
     // As net.Socket: 'error' and 'close' come after the current call stack, never inside it.
