@@ -1,6 +1,7 @@
 // policy/ owns what a tenant's SQL may do. This file is the tenant's QPS token bucket: refilled at
 // qps_limit per second, holding at most qps_limit × burst_multiplier, shared by all the tenant's
 // connections. A statement over the limit is refused at once, never queued.
+import { performance } from 'node:perf_hooks';
 
 export class TokenBucket {
   private tokens: number;

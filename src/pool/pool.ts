@@ -2,6 +2,7 @@
 // FIFO; a PoolGroup caps several pools together (the shared pool, or one tenant's dedicated pool); the
 // tenant's own backend cap applies in either. Waiters are served in order, skipping any whose tenant is at
 // its cap so one busy tenant cannot block the others.
+import { performance } from 'node:perf_hooks';
 import type { Secret } from '../auth/credentials.js';
 import type { Tenant } from '../tenancy/registry.js';
 import { BackendUnavailable, ServerConnection, type BackendTarget } from './server-connection.js';

@@ -1,6 +1,6 @@
 // Certificates and keys made with openssl at run time (nothing secret is committed): a CA, a server
 // certificate for localhost/127.0.0.1 signed by it, and key pairs for JWT signing.
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { run } from '../../src/localpg/proc.js';
@@ -26,6 +26,8 @@ let made: Promise<TestCerts> | null = null;
 export function testCerts(): Promise<TestCerts> {
   made ??= (async () => {
     const dir = mkdtempSync(join(tmpdir(), 'helios-certs-'));
+    // One set per test file (process); nothing of it should outlive the run.
+    process.once('exit', () => rmSync(dir, { recursive: true, force: true }));
     await openssl(['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'ca.key', '-out', 'ca.crt', '-days', '2', '-subj', '/CN=HeliosProxy test CA'], dir);
     writeFileSync(join(dir, 'san.ext'), 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n');
     for (const name of ['server', 'server2']) {
