@@ -14,7 +14,10 @@ export interface Result {
 export interface Report {
   date: string; gitCommit: string | null; node: string; postgres: string; pgbouncer: string | null; pgbench: string;
   cpus: number; seconds: number; scale: number; modes: Mode[]; clients: number[]; targets: TargetId[];
-  proxyLimits: 'reference' | 'raised' | null; skipped: Partial<Record<TargetId, string>>; results: Result[];
+  proxyLimits: 'reference' | 'raised' | null;
+  /** How PgBouncer and the proxy reach PostgreSQL (BENCH_BACKEND). */
+  backend: 'tcp' | 'unix';
+  skipped: Partial<Record<TargetId, string>>; results: Result[];
 }
 
 /** A table column: heading and the cell for (mode, clients). */

@@ -3,7 +3,8 @@
 // Env: BENCH_TARGETS (direct,pgbouncer,proxy-tx,proxy-tx-node,proxy-tx-bare,proxy-session | proxy); proxy-tx-node relays on Node's
 // sockets instead of the native layer, proxy-tx-bare has no rate_limits/permissions, BENCH_MODES (simple,extended,prepared),
 // BENCH_CLIENTS (1,20,100), BENCH_SECONDS (10), BENCH_REFERENCE_LIMITS=1 (keep acme's 1000 qps / 50 conn
-// limits from the reference config), BENCH_VERBOSE=1 (PostgreSQL log lines).
+// limits from the reference config), BENCH_VERBOSE=1 (PostgreSQL log lines), BENCH_BACKEND=unix (PgBouncer and the
+// proxy reach PostgreSQL over its Unix-domain socket instead of TCP; clients always use TCP).
 import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { cpus } from 'node:os';
@@ -29,7 +30,7 @@ function list(name: string, fallback: string): string[] {
   return (process.env[name] ?? fallback).split(',').map((s) => s.trim()).filter((s) => s !== '');
 }
 
-function readSettings(): { seconds: number; clients: number[]; modes: Mode[]; targets: TargetId[]; referenceLimits: boolean; verbose: boolean } {
+function readSettings(): { seconds: number; clients: number[]; modes: Mode[]; targets: TargetId[]; referenceLimits: boolean; verbose: boolean; backend: 'tcp' | 'unix' } {
   const seconds = Number(process.env.BENCH_SECONDS ?? '10');
   if (!Number.isInteger(seconds) || seconds < 1) fail(`BENCH_SECONDS must be a positive integer, got "${process.env.BENCH_SECONDS}"`);
   const clients = list('BENCH_CLIENTS', '1,20,100').map((s) =>
@@ -39,7 +40,9 @@ function readSettings(): { seconds: number; clients: number[]; modes: Mode[]; ta
   const targets = [...new Set(list('BENCH_TARGETS', TARGET_IDS.join(',')).flatMap((s) =>
     ALIASES[s] ?? ((TARGET_IDS as readonly string[]).includes(s) ? [s as TargetId]
       : fail(`BENCH_TARGETS: unknown target "${s}" (use ${TARGET_IDS.join(', ')}, proxy)`))))];
-  return { seconds, clients, modes, targets, referenceLimits: process.env.BENCH_REFERENCE_LIMITS === '1', verbose: process.env.BENCH_VERBOSE === '1' };
+  const backend = process.env.BENCH_BACKEND ?? 'tcp';
+  if (backend !== 'tcp' && backend !== 'unix') fail(`BENCH_BACKEND must be tcp or unix, got "${backend}"`);
+  return { seconds, clients, modes, targets, referenceLimits: process.env.BENCH_REFERENCE_LIMITS === '1', verbose: process.env.BENCH_VERBOSE === '1', backend };
 }
 
 // ── cleanup on success, failure and Ctrl-C ───────────────────────────────────────────────────────
@@ -100,8 +103,8 @@ async function bench(port: number, user: string, mode: Mode, clients: number, se
 // ── main ─────────────────────────────────────────────────────────────────────────────────────────
 async function main(): Promise<void> {
   const started = new Date();
-  const { seconds, clients: clientCounts, modes, targets: targetIds, referenceLimits, verbose } = readSettings();
-  console.log(`targets ${targetIds.join(', ')} × modes ${modes.join(', ')} × clients ${clientCounts.join(', ')} × ${seconds} s`);
+  const { seconds, clients: clientCounts, modes, targets: targetIds, referenceLimits, verbose, backend } = readSettings();
+  console.log(`targets ${targetIds.join(', ')} × modes ${modes.join(', ')} × clients ${clientCounts.join(', ')} × ${seconds} s; poolers reach PostgreSQL over ${backend === 'unix' ? 'its Unix-domain socket' : 'TCP'}`);
 
   const proxies = targetIds.filter((t) => t.startsWith('proxy'));
   // Fail before the long set-up if the reference config is missing or no longer matches the rewrites.
@@ -121,6 +124,7 @@ async function main(): Promise<void> {
   checkInterrupted();
   if (init.code !== 0) fail(`pgbench -i failed (exit ${init.code}):\n${init.stderr.trim()}`);
   await pg.psql('ALTER ROLE appuser IN DATABASE shared_db SET search_path = acme');
+  const backendHost = backend === 'unix' ? pg.socketDir : '127.0.0.1';
 
   const skipped: Report['skipped'] = {};
   const targets: Target[] = [];
@@ -134,9 +138,9 @@ async function main(): Promise<void> {
         console.log(skipped.pgbouncer);
       } else {
         bouncerVersion = pgbouncerVersion(bin);
-        targets.push(pgbouncerTarget(bin, pg.port));
+        targets.push(pgbouncerTarget(bin, pg.port, backendHost));
       }
-    } else targets.push(proxyTarget(repoRoot, pg.port, id, referenceLimits));
+    } else targets.push(proxyTarget(repoRoot, pg.port, backendHost, id, referenceLimits));
   }
   if (!referenceLimits && proxies.length > 0) {
     console.log('proxy config: acme qps_limit 1000→1000000, max_connections 50→100 (BENCH_REFERENCE_LIMITS=1 keeps the reference limits)');
@@ -185,7 +189,7 @@ async function main(): Promise<void> {
   const report: Report = {
     date: started.toISOString(), gitCommit, node: process.version, postgres: pg.version, pgbouncer: bouncerVersion,
     pgbench: pgbenchVersion, cpus: cpus().length, seconds, scale: SCALE, modes, clients: clientCounts, targets: targetIds,
-    proxyLimits: proxies.length === 0 ? null : referenceLimits ? 'reference' : 'raised', skipped, results,
+    proxyLimits: proxies.length === 0 ? null : referenceLimits ? 'reference' : 'raised', backend, skipped, results,
   };
   printReport(report);
   console.log(`\nwrote ${writeReport(repoRoot, report)} and .bench/latest.json`);

@@ -34,7 +34,8 @@ function tempDir(prefix: string): { dir: string; remove(): void } {
   return { dir, remove: () => rmSync(dir, { recursive: true, force: true }) };
 }
 
-export function pgbouncerTarget(bin: string, pgPort: number): Target {
+/** `backendHost`: 127.0.0.1, or PostgreSQL's socket directory (BENCH_BACKEND=unix) for both poolers alike. */
+export function pgbouncerTarget(bin: string, pgPort: number, backendHost: string): Target {
   return {
     id: 'pgbouncer',
     user: 'appuser',
@@ -45,7 +46,7 @@ export function pgbouncerTarget(bin: string, pgPort: number): Target {
       writeFileSync(join(tmp.dir, 'userlist.txt'), '"appuser" "apppass"\n');
       writeFileSync(ini, [
         '[databases]',
-        `shared_db = host=127.0.0.1 port=${pgPort} dbname=shared_db`,
+        `shared_db = host=${backendHost} port=${pgPort} dbname=shared_db`,
         '[pgbouncer]',
         'listen_addr = 127.0.0.1',
         `listen_port = ${port}`,
@@ -88,7 +89,7 @@ export const REFERENCE_CONFIG = '../shared/reference/proxy.toml';
  * primary, optionally session pooling. Unless `referenceLimits`, the acme tenant's qps/connection
  * limits (1000 qps, 50 connections) are raised so the run measures forwarding, not rate limiting.
  */
-export function proxyConfig(repoRoot: string, o: { listen: number; admin: number; pgPort: number; session: boolean; referenceLimits: boolean; bare?: boolean; nodeSockets?: boolean }): string {
+export function proxyConfig(repoRoot: string, o: { listen: number; admin: number; pgPort: number; backendHost?: string; session: boolean; referenceLimits: boolean; bare?: boolean; nodeSockets?: boolean }): string {
   const file = join(repoRoot, REFERENCE_CONFIG);
   if (!existsSync(file)) throw new Error(`reference config ${file} is missing (expected at ${REFERENCE_CONFIG} relative to the repo root)`);
   let text = readFileSync(file, 'utf8');
@@ -101,6 +102,7 @@ export function proxyConfig(repoRoot: string, o: { listen: number; admin: number
   set(/^(listen_address\s*=\s*)"0\.0\.0\.0:6432"/m, `"127.0.0.1:${o.listen}"`, 'listen_address');
   set(/^(admin_address\s*=\s*)"0\.0\.0\.0:9090"/m, `"127.0.0.1:${o.admin}"`, 'admin_address');
   set(/^(port\s*=\s*)5432\b/m, String(o.pgPort), 'the primary node port');
+  if (o.backendHost !== undefined) set(/^(host\s*=\s*)"127\.0\.0\.1"/m, JSON.stringify(o.backendHost), 'the primary node host');
   if (o.session) set(/^(mode\s*=\s*)"transaction"/m, '"session"', '[pool_mode] mode');
   if (o.bare) {
     // The same tenants without rate_limits and permissions: what the guardrails cost (isolation stays).
@@ -117,7 +119,7 @@ export function proxyConfig(repoRoot: string, o: { listen: number; admin: number
   return text;
 }
 
-export function proxyTarget(repoRoot: string, pgPort: number, id: 'proxy-tx' | 'proxy-tx-node' | 'proxy-tx-bare' | 'proxy-session', referenceLimits: boolean): Target {
+export function proxyTarget(repoRoot: string, pgPort: number, backendHost: string, id: 'proxy-tx' | 'proxy-tx-node' | 'proxy-tx-bare' | 'proxy-session', referenceLimits: boolean): Target {
   const session = id === 'proxy-session';
   const bare = id === 'proxy-tx-bare';
   const nodeSockets = id === 'proxy-tx-node';
@@ -129,7 +131,7 @@ export function proxyTarget(repoRoot: string, pgPort: number, id: 'proxy-tx' | '
       const [listen, admin] = [await freePort(), await freePort()];
       const config = join(tmp.dir, 'proxy.toml');
       try {
-        writeFileSync(config, proxyConfig(repoRoot, { listen, admin, pgPort, session, referenceLimits, bare, nodeSockets }));
+        writeFileSync(config, proxyConfig(repoRoot, { listen, admin, pgPort, backendHost, session, referenceLimits, bare, nodeSockets }));
       } catch (e) { tmp.remove(); throw e; }
       const svc = new Service(id, process.execPath, [join(repoRoot, 'bin', 'heliosproxy.js'), '--config', config], { cwd: repoRoot });
       const stop = async (): Promise<void> => { await svc.stop('SIGTERM'); tmp.remove(); };

@@ -1,7 +1,7 @@
 // The composition root: builds credentials, tenants, pools and the cancel registry from a loaded config,
 // listens for PostgreSQL clients, and gives each accepted socket a ClientSession. Owns process-wide
 // lifecycle (start, graceful close); every per-connection decision lives in session/.
-import { createServer, connect as netConnect, type Server, type Socket } from 'node:net';
+import { createServer, type Server, type Socket } from 'node:net';
 import { pino, type Logger } from 'pino';
 import { ProxyMetrics } from './admin/metrics.js';
 import { AdminServer } from './admin/server.js';
@@ -12,7 +12,7 @@ import { bindText, cancelRequest, errorResponse, execute, parse, SYNC } from './
 import { PoolManager } from './pool/manager.js';
 import { backendTlsOptions, type BackendTlsPolicy, type ServerTlsMaterial } from './protocol/tls.js';
 import { HttpGateway } from './http/gateway.js';
-import { ServerConnection } from './pool/server-connection.js';
+import { backendLabel, connectBackend, ServerConnection } from './pool/server-connection.js';
 import { CancelRegistry } from './session/cancel.js';
 import { nativeSocketLayer } from './io/native-socket.js';
 import { ClientSession, type SessionContext } from './session/client-session.js';
@@ -140,7 +140,7 @@ export class ProxyServer {
       }
     }
     const node = primaryNode(loaded.config);
-    log.info({ listen: `${proxy.host}:${proxy.port}`, admin: proxy.admin?.listener.address ?? null, http: proxy.gateway?.listener.address ?? null, tls: loaded.config.tls?.mode ?? 'disable', backend: `${node.host}:${node.port}`, mode: loaded.config.pool_mode.mode, socketLayer: proxy.ctx.nativeSocket ? 'native' : 'node' }, 'heliosproxy listening');
+    log.info({ listen: `${proxy.host}:${proxy.port}`, admin: proxy.admin?.listener.address ?? null, http: proxy.gateway?.listener.address ?? null, tls: loaded.config.tls?.mode ?? 'disable', backend: backendLabel(node.host, node.port), mode: loaded.config.pool_mode.mode, socketLayer: proxy.ctx.nativeSocket ? 'native' : 'node' }, 'heliosproxy listening');
     if (loaded.config.socket_layer === 'auto' && !nativeSocketLayer.available) log.warn({ reason: nativeSocketLayer.reason }, 'relaying on Node sockets');
     return proxy;
   }
@@ -174,7 +174,7 @@ export class ProxyServer {
    */
   private sendCancel(server: ServerConnection): void {
     server.cancelsInFlight++;
-    const s = netConnect({ host: server.target.host, port: server.target.port });
+    const s = connectBackend(server.target.host, server.target.port);
     s.on('error', (err) => this.log.debug({ err: err.message }, 'cancel request failed'));
     s.once('connect', () => s.end(cancelRequest(server.pid, server.secretKey)));
     s.once('close', () => server.cancelDelivered());

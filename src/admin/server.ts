@@ -3,10 +3,10 @@
 // With admin_token set, every route but /health and /ready needs `Authorization: Bearer <token>`.
 import { timingSafeEqual } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
-import { connect } from 'node:net';
 import { primaryNode } from '../config/load.js';
 import { listenHttp, type HttpListener } from '../http/listen.js';
 import { nativeSocketStats } from '../io/native-socket.js';
+import { backendLabel, connectBackend } from '../pool/server-connection.js';
 import type { ServerTlsMaterial } from '../protocol/tls.js';
 import type { ProxyServer } from '../server.js';
 import type { Tenant } from '../tenancy/registry.js';
@@ -213,21 +213,22 @@ export class AdminServer {
     this.sendText(res, 200, metrics.registry.contentType, await metrics.prometheusText());
   }
 
-  /** Readiness: the primary accepts TCP connections (checked at most once a second). */
+  /** Readiness: the primary accepts connections (checked at most once a second). */
   private ready(): Promise<{ ok: boolean; error: string | null }> {
     const now = Date.now();
     if (now - this.readyCache.at < 1000) return Promise.resolve(this.readyCache);
     const node = primaryNode(this.proxy.config);
     return new Promise((resolve) => {
-      const s = connect({ host: node.host, port: node.port });
+      const s = connectBackend(node.host, node.port);
+      const where = backendLabel(node.host, node.port);
       const done = (ok: boolean, error: string | null): void => {
         s.destroy();
         this.readyCache = { at: Date.now(), ok, error };
         resolve(this.readyCache);
       };
-      s.setTimeout(1000, () => done(false, `timed out connecting to ${node.host}:${node.port}`));
+      s.setTimeout(1000, () => done(false, `timed out connecting to ${where}`));
       s.once('connect', () => done(true, null));
-      s.once('error', (err) => done(false, `cannot reach the primary ${node.host}:${node.port}: ${err.message}`));
+      s.once('error', (err) => done(false, `cannot reach the primary ${where}: ${err.message}`));
     });
   }
 

@@ -176,6 +176,13 @@ function crossChecks(c: Config, baseDir: string, out: Material): string[] {
       }
     }
   }
+  const tlsMode = c.backend_tls?.mode ?? 'disable';
+  c.nodes.forEach((n, i) => {
+    // A host starting with '/' is PostgreSQL's Unix-domain socket directory, where it offers no TLS.
+    if (n.host.startsWith('/') && (tlsMode === 'require' || tlsMode === 'verify-full')) {
+      problems.push(`backend_tls.mode: "${tlsMode}" cannot hold for nodes[${i}].host "${n.host}", a Unix-domain socket directory (PostgreSQL has no TLS there)`);
+    }
+  });
   if (c.backend_tls?.ca_file !== undefined) {
     try {
       backendTlsOptions(c.backend_tls, baseDir);

@@ -3,6 +3,7 @@
 // applied to it, and two ways of talking to it: internal queries while idle, or a relay attached by the
 // ClientSession it currently serves.
 import { isIP, Socket, connect as netConnect } from 'node:net';
+import { performance } from 'node:perf_hooks';
 import { connect as tlsConnect } from 'node:tls';
 import type { BackendTlsPolicy } from '../protocol/tls.js';
 import type { Secret } from '../auth/credentials.js';
@@ -34,6 +35,25 @@ export interface BackendTarget {
   tls?: BackendTlsPolicy;
   /** Move the connection onto the native socket layer once logged in (plaintext only). */
   nativeSocket?: boolean;
+}
+
+/**
+ * A host that starts with '/' is the directory of PostgreSQL's Unix-domain socket, as libpq and PgBouncer
+ * read it: the socket is <dir>/.s.PGSQL.<port>. Beside PostgreSQL it spares every message a trip through
+ * the TCP stack.
+ */
+export function isSocketDirectory(host: string): boolean {
+  return host.startsWith('/');
+}
+
+/** Where a backend listens, for messages: host:port, or the socket's path. */
+export function backendLabel(host: string, port: number): string {
+  return isSocketDirectory(host) ? `${host.replace(/\/+$/, '')}/.s.PGSQL.${port}` : `${host}:${port}`;
+}
+
+/** Opens a connection to a backend (TCP, or its Unix-domain socket). */
+export function connectBackend(host: string, port: number): Socket {
+  return isSocketDirectory(host) ? netConnect({ path: backendLabel(host, port) }) : netConnect({ host, port, noDelay: true });
 }
 
 /** An ErrorResponse from the backend, kept whole so it can be relayed to a client unchanged. */
@@ -109,8 +129,8 @@ export class ServerConnection implements FrameSink {
   /** Opens, authenticates and waits for the first ReadyForQuery. Rejects with BackendError or BackendUnavailable. */
   static connect(target: BackendTarget, secret: Secret, timeoutMs: number): Promise<ServerConnection> {
     return new Promise((resolve, reject) => {
-      const where = `${target.host}:${target.port}`;
-      let socket: Socket = netConnect({ host: target.host, port: target.port, noDelay: true });
+      const where = backendLabel(target.host, target.port);
+      let socket: Socket = connectBackend(target.host, target.port);
       let settled = false;
       const fail = (err: Error): void => {
         if (settled) return;
@@ -160,7 +180,9 @@ export class ServerConnection implements FrameSink {
 
       const tls = target.tls;
       socket.once('connect', () => {
-        if (tls === undefined || !tls.request) return login();
+        // PostgreSQL has no TLS on its Unix-domain socket (libpq skips it there too); the config loader
+        // refuses a backend_tls mode that requires it for such a host.
+        if (tls === undefined || !tls.request || isSocketDirectory(target.host)) return login();
         socket.write(sslRequest());
         socket.once('data', (answer: Buffer) => {
           if (settled) return;
