@@ -239,6 +239,16 @@ describe('literal normalisation for the verdict cache', () => {
     // the same shape with another literal is a cache hit: the very same facts object
     const other = Buffer.from("SELECT * FROM acme.orders WHERE id = 7");
     assert.equal(c.lookupText(other, 0, other.length), fromBytes);
+    // a text that is its own key (no literals, as in a Parse) is found straight from its bytes, and a key-shaped
+    // text with a literal where the key has none is not mistaken for it
+    const param = Buffer.from('SELECT * FROM acme.orders WHERE id = $1');
+    const p1 = c.lookupText(param, 0, param.length);
+    assert.equal(c.lookupText(param, 0, param.length), p1);
+    const keyText = Buffer.from("SELECT * FROM acme.orders WHERE id = ?");
+    assert.equal(c.lookupText(keyText, 0, keyText.length), fromBytes);
+    const globex = Buffer.from('SELECT * FROM globex.orders WHERE id = $1');
+    const g = c.lookupText(globex, 0, globex.length);
+    assert.ok(Array.isArray(g) && g[0]!.relations[0]!.schema === 'globex');
   });
   test('statements that differ outside their literals never share facts, through eviction too', () => {
     const c = new FactsCache(20);

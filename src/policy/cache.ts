@@ -21,6 +21,12 @@ export class FactsCache {
   /** Hash of the literal-free key → entries. */
   private readonly normalized = new Map<number, KeyedFacts>();
   private normalizedCount = 0;
+  /**
+   * The entry of the last hit. A text with no literals is its own key (normalising a key changes nothing:
+   * ? and '?' stay as they are), so a repeat of it (an extended-protocol Parse, mostly) is found without
+   * building the key.
+   */
+  private lastHit: KeyedFacts | null = null;
   /** Where keys are built; reused, so a lookup allocates nothing. */
   private scratch = Buffer.allocUnsafe(4096);
 
@@ -37,6 +43,8 @@ export class FactsCache {
 
   /** Facts for the UTF-8 SQL text in buf[start, end). `sql` is that text when the caller already has it. */
   lookupText(buf: Buffer, start: number, end: number, sql: string | null = null): Classification {
+    const last = this.lastHit;
+    if (last !== null && last.key.length === end - start && sameBytesAt(buf, start, last.key)) return last.facts;
     if (this.scratch.length < 2 * (end - start) + 2) this.scratch = Buffer.allocUnsafe(2 * (end - start) + 2);
     const scratch = this.scratch;
     const keyLength = normalizeInto(buf, start, end, scratch);
@@ -44,7 +52,10 @@ export class FactsCache {
     if (keyLength >= 0) {
       hash = hashBytes(scratch, keyLength);
       for (let e = this.normalized.get(hash) ?? null; e !== null; e = e.next) {
-        if (e.key.length === keyLength && sameBytes(scratch, e.key, keyLength)) return e.facts;
+        if (e.key.length === keyLength && sameBytesAt(scratch, 0, e.key)) {
+          this.lastHit = e;
+          return e.facts;
+        }
       }
     }
     const text = sql ?? buf.toString('utf8', start, end);
@@ -75,8 +86,10 @@ export class FactsCache {
         if (--drop <= 0) break;
       }
     }
-    this.normalized.set(hash, { key, facts, next: this.normalized.get(hash) ?? null });
+    const entry: KeyedFacts = { key, facts, next: this.normalized.get(hash) ?? null };
+    this.normalized.set(hash, entry);
     this.normalizedCount++;
+    this.lastHit = entry;
   }
 }
 
@@ -88,9 +101,9 @@ function dropOldestTenth<K, V>(map: Map<K, V>, maxEntries: number): void {
   }
 }
 
-/** Keys are short: a loop beats Buffer.compare's argument checks and native call. */
-function sameBytes(a: Buffer, b: Buffer, n: number): boolean {
-  for (let i = 0; i < n; i++) if (a[i] !== b[i]) return false;
+/** Whether a[from, from + key.length) is `key`. Keys are short: a loop beats Buffer.compare's checks and native call. */
+function sameBytesAt(a: Buffer, from: number, key: Buffer): boolean {
+  for (let i = 0; i < key.length; i++) if (a[from + i] !== key[i]) return false;
   return true;
 }
 
