@@ -268,6 +268,21 @@ describe('literal normalisation for the verdict cache', () => {
     assert.equal(verdictWith(c, 'SELECT * FROM /* acme. */ globex.orders WHERE id = 1'), '42501');
     assert.equal(verdictWith(c, 'SELECT * FROM acme.orders WHERE id = 1; SELECT * FROM globex.orders'), '42501');
   });
+  test('a line comment ends at \r as in PostgreSQL: what follows is SQL, not a literal to normalise away', () => {
+    const c = new FactsCache();
+    const shape = (rel: string): string => `SELECT 1 --\r, '\n' AS a FROM ${rel} --'\n`;
+    assert.equal(verdictWith(c, shape('acme.orders')), null);
+    assert.equal(verdictWith(c, shape('globex.secret')), '42501', 'must not reuse the facts of the acme text');
+    assert.equal(normalizeLiterals("SELECT 1 -- x\rFROM t WHERE a = 'b'"), "SELECT ? -- x\rFROM t WHERE a = '?'");
+  });
+  test('U&"…" identifiers (whose UESCAPE literal changes the name) are never normalised', () => {
+    const c = new FactsCache();
+    assert.equal(normalizeLiterals(`SELECT * FROM U&"!0061cme" UESCAPE '!'.orders`), null);
+    assert.equal(verdictWith(c, `SELECT * FROM U&"!0061cme" UESCAPE '!'.orders`), null);
+    const other = c.lookup(`SELECT * FROM U&"!0061cme" UESCAPE '#'.orders`);
+    assert.ok(Array.isArray(other));
+    assert.notEqual(other[0]!.relations[0]!.schema, 'acme', 'another UESCAPE names another schema');
+  });
   test('literal-dependent facts are not shared through the normalised key', () => {
     const c = new FactsCache();
     assert.equal(verdictWith(c, "SELECT nextval('acme.orders_id_seq')"), null);

@@ -15,6 +15,8 @@ interface KeyedFacts {
   next: KeyedFacts | null;
 }
 
+const SCRATCH_KEPT = 64 * 1024;
+
 export class FactsCache {
   /** Texts with no literal-free key, or whose facts depend on literals: cached by their exact text. */
   private readonly exact = new Map<string, Classification>();
@@ -28,7 +30,7 @@ export class FactsCache {
    */
   private lastHit: KeyedFacts | null = null;
   /** Where keys are built; reused, so a lookup allocates nothing. */
-  private scratch = Buffer.allocUnsafe(4096);
+  private scratch = Buffer.allocUnsafeSlow(4096);
 
   constructor(private readonly maxEntries = 10_000) {}
 
@@ -45,7 +47,7 @@ export class FactsCache {
   lookupText(buf: Buffer, start: number, end: number, sql: string | null = null): Classification {
     const last = this.lastHit;
     if (last !== null && last.key.length === end - start && sameBytesAt(buf, start, last.key)) return last.facts;
-    if (this.scratch.length < 2 * (end - start) + 2) this.scratch = Buffer.allocUnsafe(2 * (end - start) + 2);
+    if (this.scratch.length < 2 * (end - start) + 2) this.scratch = Buffer.allocUnsafeSlow(2 * (end - start) + 2);
     const scratch = this.scratch;
     const keyLength = normalizeInto(buf, start, end, scratch);
     let hash = 0;
@@ -58,6 +60,8 @@ export class FactsCache {
         }
       }
     }
+    // A very long text grew the scratch buffer: let it go rather than hold megabytes for good.
+    if (this.scratch.length > SCRATCH_KEPT) this.scratch = Buffer.allocUnsafeSlow(SCRATCH_KEPT);
     const text = sql ?? buf.toString('utf8', start, end);
     const hit = this.exact.get(text);
     if (hit !== undefined) return hit;
@@ -68,7 +72,10 @@ export class FactsCache {
       result = err instanceof ParseFailure ? err : new ParseFailure(String(err));
     }
     if (keyLength >= 0 && !(result instanceof ParseFailure) && !result.some((f) => f.literalsMatter)) {
-      this.rememberNormalized(hash, Buffer.from(scratch.subarray(0, keyLength)), result);
+      // Its own memory: a slice of Node's shared pool would keep a whole 8 KiB slab alive per key.
+      const key = Buffer.allocUnsafeSlow(keyLength);
+      scratch.copy(key, 0, 0, keyLength);
+      this.rememberNormalized(hash, key, result);
     } else {
       if (this.exact.size >= this.maxEntries) dropOldestTenth(this.exact, this.maxEntries);
       this.exact.set(text, result);
@@ -133,7 +140,9 @@ function normalizeInto(buf: Buffer, start: number, end: number, out: Buffer): nu
     const c = buf[i]!;
     if (c === 92 /* \ */) return -1;
     if (c === 45 /* - */ && at(i + 1) === 45) {
-      while (i < end && buf[i] !== 10) out[o++] = buf[i++]!;
+      // PostgreSQL's lexer ends a line comment at \n or \r: stopping at \n only would take what follows
+      // a \r for comment here and for SQL there, and a "literal" in it for one.
+      while (i < end && buf[i] !== 10 && buf[i] !== 13) out[o++] = buf[i++]!;
       continue;
     }
     if (c === 47 /* / */ && at(i + 1) === 42) {
@@ -178,8 +187,9 @@ function normalizeInto(buf: Buffer, start: number, end: number, out: Buffer): nu
     }
     if (isIdentStart(c)) {
       while (i < end && isIdentChar(buf[i]!)) out[o++] = buf[i++]!;
-      // A prefix glued to a quote is a special string form (E'…', B'…', U&'…', N'…').
-      if (at(i) === 39 || (at(i) === 38 && at(i + 1) === 39)) return -1;
+      // A prefix glued to a quote is a special string form (E'…', B'…', U&'…', N'…'); U&"…" is an
+      // identifier whose UESCAPE '…' literal changes what it names.
+      if (at(i) === 39 || (at(i) === 38 && (at(i + 1) === 39 || at(i + 1) === 34))) return -1;
       continue;
     }
     if (c === 39 /* ' */) {
