@@ -3,7 +3,7 @@
 // the promise that no password or verifier ever reaches the logs.
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { networkInterfaces, tmpdir } from 'node:os';
 import { connect as netConnect, type Socket } from 'node:net';
 import { join } from 'node:path';
@@ -11,7 +11,8 @@ import { after, before, describe, test } from 'node:test';
 import pg from 'pg';
 import { pino, type DestinationStream } from 'pino';
 import { ProxyServer } from '../src/server.js';
-import { runPsql } from './helpers/pg.js';
+import { primaryNode } from '../src/config/load.js';
+import { runPsql, testPg } from './helpers/pg.js';
 import { direct, loadTestConfig, loginFails, startProxy, type LoginFailure, type ProxyOptions, type TestProxy } from './helpers/proxy.js';
 
 const PASSWORD = 'apppass';
@@ -234,6 +235,41 @@ describe('zero-config (no [auth]): cleartext password judged by the backend', ()
     } finally {
       await proxy.close();
     }
+  });
+});
+
+describe('zero-config: a backend that trusts the proxy proves nothing about a password', () => {
+  // pg_hba.conf gains `local shared_db helios_trusted trust` for this block only: over the Unix-domain
+  // socket PostgreSQL logs that role in without asking, so a passthrough login must be refused, not let in.
+  const role = 'helios_trusted';
+  let p: TestProxy;
+  let hbaFile = '';
+  let hbaBefore = '';
+  before(async () => {
+    await direct(`DROP ROLE IF EXISTS ${role}`);
+    await direct(`CREATE ROLE ${role} LOGIN PASSWORD 'real-secret'`);
+    hbaFile = (await direct<{ f: string }>("SELECT setting AS f FROM pg_settings WHERE name = 'hba_file'"))[0]!.f;
+    hbaBefore = readFileSync(hbaFile, 'utf8');
+    writeFileSync(hbaFile, `local shared_db ${role} trust\n${hbaBefore}`);
+    await direct('SELECT pg_reload_conf()');
+    p = await startProxy({ patch: (c) => { noWarmup(c); primaryNode(c).host = testPg().socketDir; } });
+  });
+  after(async () => {
+    await p?.close();
+    if (hbaBefore !== '') writeFileSync(hbaFile, hbaBefore);
+    await direct('SELECT pg_reload_conf()');
+    await direct(`DROP ROLE IF EXISTS ${role}`);
+  });
+
+  test('any password for a trusted role is refused with 28000, and nothing is learned', async () => {
+    for (const password of ['wrong', 'real-secret']) {
+      const f = await loginFails(p.clientConfig(`acme.${role}`, 'shared_db', password));
+      assert.equal(f.code, '28000', f.message);
+      assert.match(f.message, /PostgreSQL did not ask the proxy for the password/);
+    }
+    // Roles PostgreSQL does ask a password of still log in over the same socket.
+    const rows = await queryAs<Who>(p, 'acme.appuser', 'shared_db', whoami);
+    assert.equal(rows[0]?.usr, 'appuser');
   });
 });
 

@@ -112,6 +112,11 @@ export class ServerConnection implements FrameSink {
   closed = false;
   /** Keys derived while logging in with a plaintext password (lets the proxy check later logins locally). */
   derivedKeys: ScramKeys | null = null;
+  /**
+   * PostgreSQL asked for the password at login. Password passthrough relies on it: a backend that trusts
+   * the proxy's connection (pg_hba trust or peer) would accept any password.
+   */
+  passwordChecked = false;
   /** CancelRequests sent for this backend and not yet delivered; it must not serve anyone else meanwhile. */
   cancelsInFlight = 0;
   private afterCancels: (() => void)[] = [];
@@ -155,6 +160,7 @@ export class ServerConnection implements FrameSink {
                 settled = true;
                 clearTimeout(timer);
                 conn.derivedKeys = handshake.derivedKeys;
+                conn.passwordChecked = handshake.passwordChecked;
                 socket.removeAllListeners('data');
                 socket.removeAllListeners('error');
                 socket.removeAllListeners('close');
@@ -395,6 +401,8 @@ export class ServerConnection implements FrameSink {
 class LoginHandshake {
   private scram: ScramClientExchange | null = null;
   derivedKeys: ScramKeys | null = null;
+  /** The backend asked for the password (cleartext, md5 or SCRAM) before AuthenticationOk. */
+  passwordChecked = false;
 
   constructor(
     private readonly conn: ServerConnection,
@@ -415,6 +423,7 @@ class LoginHandshake {
           case AuthCode.CleartextPassword:
             if (this.secret.kind !== 'plain') throw this.cannot('a cleartext password');
             sock.write(passwordMessage(this.secret.password));
+            this.passwordChecked = true;
             return false;
           case AuthCode.MD5Password: {
             const salt = buf.subarray(start + 9, start + 13);
@@ -422,6 +431,7 @@ class LoginHandshake {
               this.secret.kind === 'md5' ? this.secret.hash : this.secret.kind === 'plain' ? md5Secret(this.secret.password, this.target.role) : null;
             if (stored === null) throw this.cannot('md5 authentication');
             sock.write(passwordMessage(md5Response(stored, salt)));
+            this.passwordChecked = true;
             return false;
           }
           case AuthCode.SASL: {
@@ -444,6 +454,7 @@ class LoginHandshake {
             if (this.scram === null || !this.scram.verifyServerFinal(buf.subarray(start + 9, end))) {
               throw new BackendUnavailable('backend SCRAM server signature did not verify');
             }
+            this.passwordChecked = true;
             return false;
           default:
             throw this.cannot(`authentication request ${code}`);

@@ -564,6 +564,16 @@ export class ClientSession implements ServerRelay {
       if ((await creds.verifyLearned(role, password)) === 'match') return null;
       try {
         const server = await this.pool!.acquire(identity.tenant, { kind: 'plain', password });
+        if (!server.passwordChecked) {
+          // The login proved nothing: keep the connection (it is a good one), refuse the client.
+          this.pool!.release(server, true, identity.tenant);
+          this.log.warn({ role }, 'password passthrough refused: PostgreSQL did not ask the proxy for a password (pg_hba.conf trust or peer)');
+          throw new LoginRefused({
+            code: '28000',
+            message: `password authentication is not possible for user "${role}": PostgreSQL did not ask the proxy for the password`,
+            hint: 'Password passthrough needs password (scram-sha-256 or md5) rules in pg_hba.conf for the proxy\'s connections, or configure [auth] (auth_file or auth_query).',
+          });
+        }
         creds.learn(role, server.derivedKeys !== null ? { kind: 'scram', keys: server.derivedKeys } : { kind: 'plain', password });
         return server;
       } catch (err) {
