@@ -1192,6 +1192,54 @@ for (const layer of LAYERS) {
       }
     });
 
+    test("io layer: 'data' listeners behave as EventEmitter's (on, once, prepend, off, listenerCount)", T, async () => {
+      const server = createServer();
+      await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+      const port = (server.address() as { port: number }).port;
+      const accepted = new Promise<Socket>((r) => server.once('connection', r));
+      const peer = await new Promise<Socket>((resolve, reject) => {
+        const c = netConnect({ host: '127.0.0.1', port }, () => resolve(c));
+        c.once('error', reject);
+      });
+      const raw = await accepted;
+      raw.on('error', () => {});
+      const s: ByteStream = native ? adoptSocket(raw)! : raw;
+      assert.ok(s !== null, 'adopted');
+      const calls: string[] = [];
+      const chunkArrived = (): Promise<void> => new Promise((r) => setTimeout(r, 50));
+      try {
+        const a = (c: Buffer): void => void calls.push(`a:${c.toString()}`);
+        const b = (c: Buffer): void => void calls.push(`b:${c.toString()}`);
+        const c = (ch: Buffer): void => void calls.push(`c:${ch.toString()}`);
+        s.on('data', a);
+        assert.equal((s as unknown as { listenerCount(e: string): number }).listenerCount('data'), 1);
+        peer.write('1');
+        await chunkArrived();
+        s.once('data', b);
+        (s as unknown as { prependListener(e: string, l: (c: Buffer) => void): void }).prependListener('data', c);
+        assert.equal((s as unknown as { listenerCount(e: string): number }).listenerCount('data'), 3);
+        peer.write('2');
+        await chunkArrived();
+        s.off('data', a);
+        peer.write('3');
+        await chunkArrived();
+        s.off('data', c);
+        assert.equal((s as unknown as { listenerCount(e: string): number }).listenerCount('data'), 0);
+        peer.write('4');
+        await chunkArrived();
+        s.on('data', a);
+        s.once('data', b);
+        s.off('data', b); // a once() listener is removed by the function given, as with EventEmitter
+        peer.write('5');
+        await chunkArrived();
+        assert.deepEqual(calls, ['a:1', 'c:2', 'a:2', 'b:2', 'c:3', 'a:5']);
+      } finally {
+        peer.destroy();
+        s.destroy();
+        server.close();
+      }
+    });
+
     test('io layer: a listener that throws surfaces as an uncaught exception; no bytes are lost and other sockets go on', T, async () => {
       const script = join(tmp, 'throwing-listener.mts');
       writeFileSync(script, THROWING_LISTENER_CHILD);

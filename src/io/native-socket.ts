@@ -136,10 +136,9 @@ export class NativeSocket extends EventEmitter implements ByteStream {
   private channel: Channel;
   /**
    * The relay's one 'data' listener, called directly: EventEmitter's lookup by event name is a
-   * megamorphic load on every read. Any further 'data' listener goes through the emitter.
+   * megamorphic load on every read. See on() for when the emitter takes over.
    */
   private dataListener: ((chunk: Buffer) => void) | null = null;
-  private moreDataListeners = false;
 
   constructor(
     private readonly io: FastIo,
@@ -160,7 +159,7 @@ export class NativeSocket extends EventEmitter implements ByteStream {
       readBuffer.copy(chunk, 0, 0, value);
       const listener = this.dataListener;
       if (listener !== null) listener(chunk);
-      if (this.moreDataListeners) this.emit('data', chunk);
+      else this.emit('data', chunk);
     } else if (kind === EV_DRAIN) {
       this.queued = false;
       if (this.writableEnded && this.readableEnded) this.destroy();
@@ -246,25 +245,36 @@ export class NativeSocket extends EventEmitter implements ByteStream {
     return this;
   }
 
+  // The slot holds the 'data' listener only while it is the only one: anything else registering for 'data'
+  // (a second on(), once(), a prepend) moves it into the emitter first, where order and once-wrappers
+  // work as EventEmitter defines them.
   override on(event: string | symbol, listener: EmitterListener): this {
-    if (event !== 'data') return super.on(event, listener);
-    if (this.dataListener === null) this.dataListener = listener as (chunk: Buffer) => void;
-    else {
-      this.moreDataListeners = true;
-      super.on(event, listener);
+    if (event === 'data' && this.dataListener === null && super.listenerCount('data') === 0 && !('listener' in listener)) {
+      this.dataListener = listener as (chunk: Buffer) => void;
+      return this;
     }
-    return this;
+    if (event === 'data') this.unslotData();
+    return super.on(event, listener);
   }
 
   override addListener(event: string | symbol, listener: EmitterListener): this {
     return this.on(event, listener);
   }
 
+  override prependListener(event: string | symbol, listener: EmitterListener): this {
+    if (event === 'data') this.unslotData();
+    return super.prependListener(event, listener);
+  }
+
+  override prependOnceListener(event: string | symbol, listener: EmitterListener): this {
+    if (event === 'data') this.unslotData();
+    return super.prependOnceListener(event, listener);
+  }
+
   // EventEmitter's once() removes its wrapper with removeListener, which off() is an alias of.
   override removeListener(event: string | symbol, listener: EmitterListener): this {
     if (event === 'data' && listener === this.dataListener) this.dataListener = null;
     else super.removeListener(event, listener);
-    if (event === 'data') this.moreDataListeners = super.listenerCount('data') > 0;
     return this;
   }
 
@@ -273,11 +283,24 @@ export class NativeSocket extends EventEmitter implements ByteStream {
   }
 
   override removeAllListeners(event?: string | symbol): this {
-    if (event === undefined || event === 'data') {
-      this.dataListener = null;
-      this.moreDataListeners = false;
-    }
+    if (event === undefined || event === 'data') this.dataListener = null;
     return super.removeAllListeners(event);
+  }
+
+  override listenerCount(event: string | symbol): number {
+    return super.listenerCount(event) + (event === 'data' && this.dataListener !== null ? 1 : 0);
+  }
+
+  override listeners(event: string | symbol): EmitterListener[] {
+    const l = super.listeners(event) as EmitterListener[];
+    return event === 'data' && this.dataListener !== null ? [this.dataListener, ...l] : l;
+  }
+
+  private unslotData(): void {
+    const l = this.dataListener;
+    if (l === null) return;
+    this.dataListener = null;
+    super.on('data', l);
   }
 
   destroy(error?: Error): this {
