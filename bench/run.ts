@@ -108,7 +108,7 @@ async function main(): Promise<void> {
 
   const proxies = targetIds.filter((t) => t.startsWith('proxy'));
   // Fail before the long set-up if the reference config is missing or no longer matches the rewrites.
-  if (proxies.length > 0) proxyConfig(repoRoot, { listen: 1, admin: 2, pgPort: 3, session: true, referenceLimits });
+  if (proxies.length > 0) proxyConfig(repoRoot, { listen: 1, admin: 2, pgPort: 3, session: true, referenceLimits, ...(backend === 'unix' ? { backendHost: '/tmp' } : {}) });
 
   console.log('starting throwaway PostgreSQL…');
   // Registered before it resolves, so a Ctrl-C during start-up still waits for the cluster and stops it.

@@ -102,7 +102,8 @@ export function proxyConfig(repoRoot: string, o: { listen: number; admin: number
   set(/^(listen_address\s*=\s*)"0\.0\.0\.0:6432"/m, `"127.0.0.1:${o.listen}"`, 'listen_address');
   set(/^(admin_address\s*=\s*)"0\.0\.0\.0:9090"/m, `"127.0.0.1:${o.admin}"`, 'admin_address');
   set(/^(port\s*=\s*)5432\b/m, String(o.pgPort), 'the primary node port');
-  if (o.backendHost !== undefined) set(/^(host\s*=\s*)"127\.0\.0\.1"/m, JSON.stringify(o.backendHost), 'the primary node host');
+  // (the reference config's primary is 127.0.0.1 already: only a socket directory needs writing in)
+  if (o.backendHost !== undefined && o.backendHost !== '127.0.0.1') set(/^(host\s*=\s*)"127\.0\.0\.1"/m, JSON.stringify(o.backendHost), 'the primary node host');
   if (o.session) set(/^(mode\s*=\s*)"transaction"/m, '"session"', '[pool_mode] mode');
   if (o.bare) {
     // The same tenants without rate_limits and permissions: what the guardrails cost (isolation stays).
