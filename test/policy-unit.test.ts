@@ -4,7 +4,7 @@
 import assert from 'node:assert/strict';
 import { before, describe, test } from 'node:test';
 import { normalizeLiterals, FactsCache } from '../src/policy/cache.js';
-import { loadParser } from '../src/policy/classify.js';
+import { classify, loadParser, ParseFailure } from '../src/policy/classify.js';
 import { checkStatement, type TenantRules } from '../src/policy/check.js';
 import { PermissionsSchema } from '../src/config/schema.js';
 
@@ -300,3 +300,248 @@ function verdictWith(c: FactsCache, sql: string): string | null {
   }
   return null;
 }
+
+// A differential hunt for normaliser/lexer disagreements. Texts are generated from fragments that stress the
+// lexer (comments ending at \n, \r or the end, nested block comments with quotes in them, quoted names with ""
+// inside, literals holding comment markers, quotes, $$, \r, the other tenant's schema…). For each text T with a
+// key K, T' gets different literal values at exactly the spans the normaliser replaced (recovered by aligning T
+// with K), so normalizeLiterals(T') must be K; then PostgreSQL's parser must give T and T' the same facts unless
+// literalsMatter, and a cache that saw T first must answer T' with T''s own facts.
+describe('verdict cache: texts sharing a literal-free key share their facts (generated, differential)', () => {
+  /** mulberry32: small, fast, deterministic. */
+  function prng(seed: number): () => number {
+    let a = seed >>> 0;
+    return () => {
+      a = (a + 0x6d2b79f5) >>> 0;
+      let t = a;
+      t = Math.imul(t ^ (t >>> 15), t | 1);
+      t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+      return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+    };
+  }
+
+  // No '?' anywhere in generated texts: a '?' in the key then always marks a replaced literal.
+  const CONTENTS = [
+    '', 'x', "it's", "''", '--', '-- globex.secret', '/*', '*/', '/* x', '*/ globex.secret /*', '\r', '\n', '\r\n', '\r, globex.secret',
+    '$', '$$', '$1', '$q$', '"', '""', '"globex"', '\\', "\\'", 'U&', 'E', "E'", ';', '; SELECT * FROM globex.secret', 'globex',
+    'globex.secret', 'acme.orders', '"globex".secret', "' || (SELECT 1 FROM globex.secret) || '", 'é', 'acme', 'search_path',
+    // Shaped as [end of a token] SQL [start of a token]: what a span the normaliser mis-lexed as one literal holds.
+    ' FROM globex.secret --', ' AS a FROM globex.secret --', ', 1 FROM globex.secret --', '*/ FROM globex.secret /*',
+    ' FROM globex.secret; SELECT --', '" FROM globex.secret --', ' FROM globex.secret WHERE a = ',
+  ];
+  const NUMBERS = ['1', '1.5', '.5', '1e3', '1.5E-3', '0', '42', '10.', '7e+2'];
+  const DOT_NUMBERS = ['.5', '.25e2', '.0', '.5E-3'];
+  const sqlString = (s: string): string => `'${s.replaceAll("'", "''")}'`;
+
+  function generator(rnd: () => number) {
+    const pick = <T>(xs: readonly T[]): T => xs[Math.floor(rnd() * xs.length)]!;
+    const chance = (p: number): boolean => rnd() < p;
+    const schema = (): string => pick(['acme', 'globex']);
+    const rel = (): string =>
+      pick([
+        () => `${schema()}.orders`,
+        () => `"${schema()}".orders`,
+        () => `${schema()}."or""ders"`,
+        () => `${schema().toUpperCase()}.t1`,
+        () => `${schema()} . orders`,
+        () => `"${schema()}"."we""ird"`,
+        () => 'orders',
+        () => `${schema()}.${schema()}.orders`,
+        () => `U&"!0061${pick(['cme', 'globex'])}" UESCAPE ${sqlString(pick(['!', '#']))}.orders`,
+      ])();
+    const str = (): string => (chance(0.1) ? `${sqlString(pick(CONTENTS))}\n${sqlString(pick(CONTENTS))}` : sqlString(pick(CONTENTS)));
+    const num = (): string => pick(NUMBERS);
+    const lit = (): string => (chance(0.6) ? str() : num());
+    const junk = (): string => {
+      let s = '';
+      for (let n = Math.floor(rnd() * 4); n > 0; n--) {
+        s += pick<() => string>([() => "'", () => '"', () => 'x', () => ' ', str, num, rel, () => '*', () => '/', () => '-', () => '$$', () => ';', () => '\r', () => '\n', () => ','])();
+      }
+      return s;
+    };
+    const sep = (): string =>
+      pick<() => string>([
+        () => ' ', () => ' ', () => ' ', () => ' ', () => ' ', () => ' ', () => '\n', () => '\r', () => '\t', () => '\r\n', () => '',
+        () => ` --${junk()}\n`,
+        () => ` --${junk()}\r`,
+        () => ` --${pick(["'", '', "x'"])}\r`,
+        () => `/*${junk()}*/`,
+        () => `/* /*${junk()}*/ ${junk()} */`,
+      ])();
+    const expr = (): string => pick<() => string>([() => '*', () => 'a', () => `${schema()}.orders.a`, lit, () => `${lit()} || ${lit()}`, () => `"a""b"`])();
+    const statements: (() => string[])[] = [
+      () => ['SELECT', expr(), 'FROM', rel(), 'WHERE', 'id', '=', lit()],
+      () => ['SELECT', num(), ',', lit(), 'AS', 'a', 'FROM', rel()],
+      () => ['WITH', 'x', 'AS', '(', 'SELECT', '*', 'FROM', rel(), 'WHERE', 'a', '=', lit(), ')', 'SELECT', '*', 'FROM', 'x'],
+      () => ['INSERT', 'INTO', rel(), '(', 'a', ',', 'b', ')', 'VALUES', '(', lit(), ',', lit(), ')'],
+      () => ['UPDATE', rel(), 'SET', 'a', '=', lit(), 'WHERE', 'id', '=', '$1'],
+      () => ['DELETE', 'FROM', rel(), 'WHERE', 'a', '=', lit(), 'RETURNING', '*'],
+      // Statements whose facts read a literal (literalsMatter): one slot, so that they do not crowd out the rest.
+      () =>
+        pick([
+          () => ['SELECT', `${str()}::regclass`, ',', lit()],
+          () => ['SELECT', 'CAST', '(', str(), 'AS', 'regclass', ')'],
+          () => ['SELECT', 'nextval', '(', str(), ')'],
+          () => ['SELECT', 'set_config', '(', "'search_path'", ',', str(), ',', 'false', ')'],
+          () => ['SET', 'search_path', '=', str()],
+          () => ['ALTER', 'FUNCTION', `${schema()}.f`, '(', ')', 'SET', 'search_path', '=', str()],
+        ])(),
+      () => ['PREPARE', 'p', 'AS', 'SELECT', '*', 'FROM', rel(), 'WHERE', 'a', '=', '$1', 'AND', 'b', '=', lit()],
+      () => ['EXPLAIN', 'SELECT', lit(), 'FROM', rel()],
+      () => ['SELECT', `E${str()}`, ',', '$$a$$', ',', lit(), 'FROM', rel()],
+      () => ['SELECT', '*', 'FROM', rel(), 'LIMIT', num(), 'OFFSET', '$1'],
+      () => ['SELECT', `${schema()}.f`, '(', lit(), ',', '$2', ')'],
+      () => ['SELECT', '"a""b"', ',', lit(), '::', 'text', 'FROM', rel()],
+      () => ['SELECT', lit(), 'FROM', rel(), 'JOIN', rel(), 'USING', '(', 'id', ')'],
+      () => ['SELECT', 'x', 'FROM', rel(), 'WHERE', 'x', 'IN', '(', lit(), ',', lit(), ')'],
+    ];
+    return (): string => {
+      let text = chance(0.2) ? sep() : '';
+      for (let n = pick([1, 1, 1, 2, 2, 3]), first = true; n > 0; n--, first = false) {
+        if (!first) text += `;${sep()}`;
+        const tokens = pick(statements)();
+        text += tokens.map((t, i) => (i === 0 ? t : sep() + t)).join('');
+      }
+      if (chance(0.3)) text += sep();
+      // A line comment the end of text closes; a quote in it evens out the quotes of a text mis-lexed before.
+      if (chance(0.3)) text += `--${pick<() => string>([junk, () => "'", () => `${junk()}'`])()}`;
+      return text;
+    };
+  }
+
+  // The normaliser's own literal rules, to find the spans it replaced.
+  const isDigitChar = (ch: string | undefined): boolean => ch !== undefined && ch >= '0' && ch <= '9';
+  function numberEnd(t: string, i: number): number {
+    let j = i;
+    while (isDigitChar(t[j]) || t[j] === '.') j++;
+    if (t[j] === 'e' || t[j] === 'E') {
+      let k = j + 1;
+      if (t[k] === '+' || t[k] === '-') k++;
+      if (isDigitChar(t[k])) {
+        j = k;
+        while (isDigitChar(t[j])) j++;
+      }
+    }
+    return j;
+  }
+  function stringEnd(t: string, i: number): number {
+    for (let j = i + 1; j < t.length; ) {
+      if (t[j] !== "'") j++;
+      else if (t[j + 1] === "'") j += 2;
+      else return j + 1;
+    }
+    return -1;
+  }
+  /** Where the normaliser replaced literals in `t` to make `key`: null if the two do not align. */
+  function literalSpans(t: string, key: string): { start: number; end: number; kind: 'string' | 'number' }[] | null {
+    const spans: { start: number; end: number; kind: 'string' | 'number' }[] = [];
+    let i = 0;
+    let k = 0;
+    while (i < t.length || k < key.length) {
+      if (key.startsWith("'?'", k) && t[i] === "'") {
+        const end = stringEnd(t, i);
+        if (end < 0) return null;
+        spans.push({ start: i, end, kind: 'string' });
+        i = end;
+        k += 3;
+      } else if (key[k] === '?') {
+        const end = numberEnd(t, i);
+        if (end === i) return null;
+        spans.push({ start: i, end, kind: 'number' });
+        i = end;
+        k++;
+      } else if (i < t.length && t[i] === key[k]) {
+        i++;
+        k++;
+      } else return null;
+    }
+    return spans;
+  }
+
+  type Facts = ReturnType<typeof classify>;
+  function facts(sql: string): Facts | null {
+    try {
+      return classify(sql);
+    } catch (err) {
+      if (err instanceof ParseFailure) return null;
+      throw err;
+    }
+  }
+  const literalsMatter = (fs: Facts): boolean => fs.some((f) => f.literalsMatter);
+
+  test('thousands of generated texts and literal variants: same key ⇒ same facts unless literalsMatter', () => {
+    // CACHE_FUZZ_SEED / CACHE_FUZZ_TEXTS run a longer hunt; the defaults keep this test around 2 s.
+    const rnd = prng(Number(process.env.CACHE_FUZZ_SEED ?? 0x5eed2024));
+    const next = generator(rnd);
+    const pick = <T>(xs: readonly T[]): T => xs[Math.floor(rnd() * xs.length)]!;
+    const stats = { texts: Number(process.env.CACHE_FUZZ_TEXTS ?? 3000), keyed: 0, variants: 0, bothParse: 0, compared: 0, literalsMatter: 0 };
+    for (let n = 0; n < stats.texts; n++) {
+      const text = next();
+      assert.ok(!text.includes('?'));
+      const key = normalizeLiterals(text);
+      if (key === null) continue;
+      stats.keyed++;
+      const spans = literalSpans(text, key);
+      assert.ok(spans !== null, `key does not align with its text: ${JSON.stringify(text)} → ${JSON.stringify(key)}`);
+      if (spans.length === 0) continue;
+      const original = facts(text);
+      // Variant 0 swaps acme ⇄ globex inside every string span and keeps the rest of it: a span that is truly one
+      // literal does not care, and one the normaliser mis-lexed holds SQL whose schema then changes while the text
+      // still parses. The others put fresh values from the pools in.
+      for (let v = 0; v < 3; v++) {
+        let variant = '';
+        let at = 0;
+        for (const s of spans) {
+          // A number glued to a name, $n or another number starts with its '.' (t.5, $1.5, 1e3.5), and one glued to a
+          // following '.' ends in an exponent: only numbers of the same shape keep the lexer's split where it was.
+          const glued = s.start > 0 && /[\w$\u0080-\uffff]/.test(text[s.start - 1]!);
+          const numbers = (glued ? DOT_NUMBERS : NUMBERS).filter((x) => text[s.end] !== '.' || /e/i.test(x));
+          const swapped = text.slice(s.start, s.end).replace(/acme|globex/gi, (m) => (m.toLowerCase() === 'acme' ? 'globex' : 'acme'));
+          variant += text.slice(at, s.start) + (s.kind === 'number' ? pick(numbers) : v === 0 ? swapped : sqlString(pick(CONTENTS)));
+          at = s.end;
+        }
+        variant += text.slice(at);
+        if (variant === text) continue;
+        stats.variants++;
+        const where: string = `\n  T  = ${JSON.stringify(text)}\n  T' = ${JSON.stringify(variant)}\n  K  = ${JSON.stringify(key)}`;
+        assert.equal(normalizeLiterals(variant), key, `a literal-only change moved the key:${where}`);
+        const changed = facts(variant);
+        if (original !== null && changed !== null) {
+          stats.bothParse++;
+          assert.equal(literalsMatter(changed), literalsMatter(original), `literalsMatter differs between texts that share a key:${where}`);
+          if (!literalsMatter(original)) {
+            stats.compared++;
+            assert.deepStrictEqual(changed, original, `texts that share a key have different facts:${where}`);
+          } else stats.literalsMatter++;
+        }
+        // Through the cache: T first, then T' must get facts equal to its own.
+        if (changed !== null) {
+          const c = new FactsCache();
+          c.lookup(text);
+          assert.deepStrictEqual(c.lookup(variant), changed, `the cache answered T' with other facts:${where}`);
+        }
+      }
+    }
+    // Not vacuous: most texts get a key, and most keyed pairs get compared.
+    assert.ok(stats.keyed > stats.texts / 3, JSON.stringify(stats));
+    assert.ok(stats.compared > stats.texts / 2, JSON.stringify(stats));
+    assert.ok(stats.literalsMatter > stats.texts / 20, JSON.stringify(stats));
+  });
+
+  test(
+    'SET inside ALTER FUNCTION reads its literal: the cache must not share the verdict',
+    () => {
+      const dbco: TenantRules = { id: 'dbco', allowedSchemas: null, permissions: PermissionsSchema.parse({ allow_ddl: true, allow_system_access: false }) };
+      const ok = "ALTER FUNCTION f() SET client_encoding = 'UTF8'";
+      const bad = "ALTER FUNCTION f() SET client_encoding = 'LATIN1'";
+      assert.equal(normalizeLiterals(ok), normalizeLiterals(bad));
+      const fresh = classify(bad);
+      assert.ok(checkStatement(fresh[0]!, dbco) !== null, 'refused when classified on its own');
+      const c = new FactsCache();
+      c.lookup(ok);
+      const cached = c.lookup(bad);
+      assert.ok(Array.isArray(cached));
+      assert.ok(checkStatement(cached[0]!, dbco) !== null, 'must be refused after the UTF8 text was cached too');
+    },
+  );
+});

@@ -541,6 +541,8 @@ class Walker {
 
   private variableSet(n: Obj): void {
     const f = this.f;
+    // Its values are literals the facts record, wherever it sits (ALTER FUNCTION … SET, ALTER ROLE … SET too).
+    f.literalsMatter = true;
     const kind = str(n.kind);
     const name = (str(n.name) ?? '').toLowerCase();
     if (kind === 'VAR_RESET_ALL') {
