@@ -52,7 +52,7 @@ import type { FactsCache } from '../policy/cache.js';
 import { ParseFailure, type StatementFacts } from '../policy/classify.js';
 import { checkStatement, type Rejection } from '../policy/check.js';
 import type { CancelRegistry } from './cancel.js';
-import { Expect, ExpectQueue } from './expect.js';
+import { Expect, ExpectQueue, storeAt } from './expect.js';
 import { bindStatementSpan, isStatementTarget, parseNameSpan, renameIn, serverStatementName, targetSpan, type TrackedStatement } from './prepared.js';
 import { sessionParameters, StartupParamError, TRACKED_PARAMETERS } from './startup-params.js';
 
@@ -214,15 +214,9 @@ export class ClientSession implements ServerRelay {
   private readonly inboxSink: FrameSink = {
     message: (buf, start, end) => {
       const i = this.inTail++;
-      if (i < this.inBufs.length) {
-        this.inBufs[i] = buf;
-        this.inStarts[i] = start;
-        this.inEnds[i] = end;
-      } else {
-        this.inBufs.push(buf);
-        this.inStarts.push(start);
-        this.inEnds.push(end);
-      }
+      storeAt(this.inBufs, i, buf);
+      storeAt(this.inStarts, i, start);
+      storeAt(this.inEnds, i, end);
     },
     batchEnd: () => this.drainInbox(),
   };

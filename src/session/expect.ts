@@ -28,6 +28,15 @@ export const enum Expect {
   InternalSilent,
 }
 
+/**
+ * Writes slot `i` of a reused array: a plain store inside its length, a push just past it. Truncating such
+ * arrays with `length = 0` is a V8 runtime call, so queues keep their length and track head/tail instead.
+ */
+export function storeAt<T>(a: T[], i: number, v: T): void {
+  if (i < a.length) a[i] = v;
+  else a.push(v);
+}
+
 /** A FIFO of small ints with a parallel payload slot, reused across requests to avoid per-message objects. */
 export class ExpectQueue {
   // Entries from head to tail are live. The arrays keep their length across requests: truncating them is
@@ -45,15 +54,9 @@ export class ExpectQueue {
 
   push(kind: Expect, payload: string | null = null, substitute: Buffer | null = null): void {
     const i = this.tail++;
-    if (i < this.kinds.length) {
-      this.kinds[i] = kind;
-      this.payloads[i] = payload;
-      this.substitutes[i] = substitute;
-    } else {
-      this.kinds.push(kind);
-      this.payloads.push(payload);
-      this.substitutes.push(substitute);
-    }
+    storeAt(this.kinds, i, kind);
+    storeAt(this.payloads, i, payload);
+    storeAt(this.substitutes, i, substitute);
   }
 
   peekSubstitute(): Buffer | null {
