@@ -4,8 +4,8 @@
 // (expect queue: synthesize, drop or forward) → client, and at ReadyForQuery with nothing in flight the
 // backend goes back to its pool (transaction/statement mode).
 import { randomBytes } from 'node:crypto';
-import { performance } from 'node:perf_hooks';
 import { Socket } from 'node:net';
+import { performance } from 'node:perf_hooks';
 import { TLSSocket, type SecureContext } from 'node:tls';
 import type { Logger } from 'pino';
 import type { CredentialStore } from '../auth/credentials.js';
