@@ -259,6 +259,30 @@ function errorFields(m: WireMessage): Map<string, string> {
 }
 const rowOf = (m: WireMessage): (string | null)[] => decodeDataRow(m.raw, 0, m.raw.length);
 
+/**
+ * Reads the rest of a result whose first column numbers its rows 1, 2, … (failing on a row out of order)
+ * until ReadyForQuery or the connection's end: how many rows came, the ErrorResponses, and why reading
+ * stopped when the connection ended.
+ */
+async function readNumberedRows(w: WireClient, waitMs: number): Promise<{ rows: number; errors: WireMessage[]; closed: string | null }> {
+  let rows = 0;
+  const errors: WireMessage[] = [];
+  for (;;) {
+    let m: WireMessage;
+    try {
+      m = await w.next(waitMs);
+    } catch (err) {
+      return { rows, errors, closed: `closed (${(err as Error).message})` };
+    }
+    if (m.type === 'D') {
+      const n = Number(rowOf(m)[0]);
+      if (n !== rows + 1) assert.fail(`row ${rows + 1} expected, got ${n}`);
+      rows++;
+    } else if (m.type === 'E') errors.push(m);
+    else if (m.type === 'Z') return { rows, errors, closed: null };
+  }
+}
+
 // ── admin and backend views ───────────────────────────────────────────────────────────
 
 interface GlobalMetrics {
@@ -831,34 +855,12 @@ for (const layer of LAYERS) {
       await monitor.query('SELECT pg_terminate_backend($1)', [pid]);
       await sleep(300);
       w.socket.resume();
-      let expect = 1;
-      let ending = '';
-      let errors = 0;
-      await within(
-        (async () => {
-          for (;;) {
-            let m: WireMessage;
-            try {
-              m = await w.next(8000);
-            } catch (err) {
-              if (ending === '') ending = `closed (${(err as Error).message})`;
-              return;
-            }
-            if (m.type === 'D') {
-              const n = Number(rowOf(m)[0]);
-              if (n !== expect) assert.fail(`row ${expect} expected, got ${n}`);
-              expect++;
-            } else if (m.type === 'E') {
-              errors++;
-              ending = `error ${errorFields(m).get('C')} ${errorFields(m).get('M')}`;
-            } else if (m.type === 'Z') return;
-          }
-        })(),
-        10_000,
-        'reading after the backend was terminated',
-      );
-      t.diagnostic(`${expect - 1} rows, then ${ending}`);
-      assert.ok(expect - 1 < 50_000, 'the result was cut short');
+      const read = await within(readNumberedRows(w, 8000), 10_000, 'reading after the backend was terminated');
+      const last = read.errors.at(-1);
+      const ending = last !== undefined ? `error ${errorFields(last).get('C')} ${errorFields(last).get('M')}` : (read.closed ?? '');
+      const errors = read.errors.length;
+      t.diagnostic(`${read.rows} rows, then ${ending}`);
+      assert.ok(read.rows < 50_000, 'the result was cut short');
       // The proxy relays whole messages only, so it can still say why: a FATAL, then the close.
       assert.match(ending, /^error (08006|57P01) /);
       // One FATAL: the backend's own 57P01 when it got through, otherwise the proxy's 08006; never both.
@@ -1089,22 +1091,10 @@ for (const layer of LAYERS) {
         assert.equal(errorFields(m).get('C'), '57P01');
         await sleep(300);
         w.socket.resume();
-        let expect = 1;
-        let ending = '';
-        for (;;) {
-          let msg: WireMessage;
-          try {
-            msg = await w.next(5000);
-          } catch (err) {
-            if (ending === '') ending = `closed (${(err as Error).message})`;
-            break;
-          }
-          if (msg.type === 'D') {
-            if (Number(rowOf(msg)[0]) !== expect) assert.fail(`row ${expect} expected, got ${rowOf(msg)[0]}`);
-            expect++;
-          } else if (msg.type === 'E') ending = `error ${errorFields(msg).get('C')}`;
-        }
-        t.diagnostic(`${expect - 1} rows, then ${ending}`);
+        const read = await readNumberedRows(w, 5000);
+        const last = read.errors.at(-1);
+        const ending = last !== undefined ? `error ${errorFields(last).get('C')}` : (read.closed ?? '');
+        t.diagnostic(`${read.rows} rows, then ${ending}`);
         assert.equal(ending, 'error 57P01');
         assert.ok(w.closed);
         await within(closing, 5000, 'proxy.close()');
