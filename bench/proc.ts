@@ -1,6 +1,7 @@
 // bench/proc.ts — process and port helpers for the benchmark: free ports, TCP readiness polling,
 // short commands run to completion (killable on Ctrl-C), and long-lived services with an output tail.
 import { spawn, type ChildProcess } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import net from 'node:net';
 
 export function freePort(): Promise<number> {
@@ -23,6 +24,21 @@ export function canConnect(port: number, host = '127.0.0.1'): Promise<boolean> {
     sock.once('connect', () => done(true));
     sock.once('error', () => done(false));
   });
+}
+
+/**
+ * CPU time a process has used so far (user + system, ms), from /proc; null where there is no /proc.
+ * Clock ticks are 10 ms on Linux: over a 10 s run that is well under 1% of what a pooler uses.
+ */
+export function cpuMs(pid: number): number | null {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // The command name (field 2) may hold spaces and parentheses: count fields after its closing one.
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return (Number(fields[11]) + Number(fields[12])) * 10;
+  } catch {
+    return null;
+  }
 }
 
 export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
@@ -83,6 +99,8 @@ export class Service {
   }
 
   died(): string | null { return this.exit === null ? null : this.failure(this.exit).message; }
+
+  get pid(): number | undefined { return this.child.pid; }
 
   /** Resolves once a TCP connect to `port` succeeds; throws (with the output tail) on early exit or timeout. */
   async waitForPort(port: number, timeoutMs = 15_000): Promise<void> {

@@ -9,6 +9,8 @@ export type Mode = 'simple' | 'extended' | 'prepared';
 export interface Result {
   target: TargetId; mode: Mode; clients: number;
   tps?: number; latencyMs?: number; error?: string;
+  /** CPU time (user + system) the pooler process spent per transaction, µs; logins included. */
+  cpuUsPerTx?: number;
 }
 
 export interface Report {
@@ -54,6 +56,22 @@ export function printReport(r: Report): void {
       .map(([a, b]): Col => [`${SHORT[a]}/${SHORT[b]}`, (m, c) => ratio(find(a, m, c), find(b, m, c))]),
   ]);
   table('Average latency (ms)', ran.map((t): Col => [SHORT[t], (m, c) => lat(find(t, m, c))]));
+  // On a machine whose cores pgbench, PostgreSQL and the pooler share, a pooler's CPU per transaction is
+  // what its throughput comes down to, and it varies far less from run to run than tps does.
+  const pooled = ran.filter((t) => r.results.some((x) => x.target === t && x.cpuUsPerTx !== undefined));
+  if (pooled.length > 0) {
+    const cpu = (x?: Result): string => (x?.cpuUsPerTx === undefined ? '-' : x.cpuUsPerTx.toFixed(1));
+    table('Pooler CPU per transaction (µs, user + system, logins included)', [
+      ...pooled.map((t): Col => [SHORT[t], (m, c) => cpu(find(t, m, c))]),
+      ...(pooled.includes('proxy-tx') && pooled.includes('pgbouncer')
+        ? [['proxy-tx/pgbouncer', (m: Mode, c: number) => {
+            const a = find('proxy-tx', m, c)?.cpuUsPerTx;
+            const b = find('pgbouncer', m, c)?.cpuUsPerTx;
+            return a !== undefined && b !== undefined && b > 0 ? (a / b).toFixed(2) : '-';
+          }] satisfies Col]
+        : []),
+    ]);
+  }
 
   if (r.clients.includes(1) && has('direct')) {
     const others = ran.filter((t) => t !== 'direct');

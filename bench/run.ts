@@ -11,7 +11,7 @@ import { cpus } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { seedScenario, startLocalPostgres } from '../src/localpg/index.js';
-import { killInFlight, run } from './proc.js';
+import { cpuMs, killInFlight, run } from './proc.js';
 import { printReport, writeReport, type Mode, type Report, type Result } from './report.js';
 import {
   TARGET_IDS, findPgBouncer, pgbouncerTarget, pgbouncerVersion, proxyConfig, proxyTarget, type Running, type Target, type TargetId,
@@ -86,10 +86,13 @@ function firstErrorLine(out: string): string | undefined {
   return (lines.find((l) => /error|fatal|abort/i.test(l)) ?? lines[0])?.replace(/^(pgbench:\s*)+/, 'pgbench: ');
 }
 
-async function bench(port: number, user: string, mode: Mode, clients: number, secs: number): Promise<Pick<Result, 'tps' | 'latencyMs' | 'error'>> {
+/** One pgbench run; with `pid`, also the CPU that process spent per transaction (µs, logins included). */
+async function bench(port: number, user: string, mode: Mode, clients: number, secs: number, pid?: number): Promise<Pick<Result, 'tps' | 'latencyMs' | 'cpuUsPerTx' | 'error'>> {
   const args = ['-S', '-n', '-M', mode, '-c', String(clients), '-j', String(Math.min(clients, 2)), '-T', String(secs),
     '-h', '127.0.0.1', '-p', String(port), '-U', user, 'shared_db'];
+  const cpuBefore = pid === undefined ? null : cpuMs(pid);
   const r = await run(pgbench, args, { env: { ...process.env, PGPASSWORD: PASSWORD }, timeoutMs: (secs + 60) * 1000 });
+  const cpuAfter = pid === undefined ? null : cpuMs(pid);
   const all = r.stdout + r.stderr;
   const tps = /tps = ([\d.]+) \(without initial connection time\)/.exec(r.stdout)?.[1];
   const lat = /latency average = ([\d.]+) ms/.exec(r.stdout)?.[1];
@@ -97,7 +100,9 @@ async function bench(port: number, user: string, mode: Mode, clients: number, se
   if (r.code !== 0 || /aborted/i.test(all) || tps === undefined || lat === undefined) {
     return { error: firstErrorLine(r.stderr) ?? firstErrorLine(r.stdout) ?? `pgbench exited with code ${r.code}` };
   }
-  return { tps: Number(tps), latencyMs: Number(lat) };
+  const txs = Number(/number of transactions actually processed: (\d+)/.exec(r.stdout)?.[1] ?? 0);
+  const cpu = cpuBefore !== null && cpuAfter !== null && txs > 0 ? { cpuUsPerTx: ((cpuAfter - cpuBefore) * 1000) / txs } : {};
+  return { tps: Number(tps), latencyMs: Number(lat), ...cpu };
 }
 
 // ── main ─────────────────────────────────────────────────────────────────────────────────────────
@@ -172,11 +177,12 @@ async function main(): Promise<void> {
     for (const clients of clientCounts) {
       console.log('');
       for (const r of running) {
-        const res: Result = { target: r.t.id, mode, clients, ...(await bench(r.target.port, r.t.user, mode, clients, seconds)) };
+        const res: Result = { target: r.t.id, mode, clients, ...(await bench(r.target.port, r.t.user, mode, clients, seconds, r.target.pid)) };
         checkInterrupted();
         results.push(res);
         console.log(`[${r.t.id.padEnd(13)}] ${mode.padEnd(8)} c=${String(clients).padEnd(3)} ` +
-          (res.error === undefined ? `${res.tps?.toFixed(0).padStart(7)} tps  ${res.latencyMs?.toFixed(3)} ms` : `ERROR ${res.error}`));
+          (res.error === undefined ? `${res.tps?.toFixed(0).padStart(7)} tps  ${res.latencyMs?.toFixed(3)} ms` +
+            (res.cpuUsPerTx === undefined ? '' : `  ${res.cpuUsPerTx.toFixed(1)} µs CPU/tx`) : `ERROR ${res.error}`));
         const died = res.error === undefined || r.diedReported ? null : r.target.died?.();
         if (died) { r.diedReported = true; console.log(`[${r.t.id}] ${died}`); }
       }

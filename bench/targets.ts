@@ -15,6 +15,8 @@ export interface Running {
   stop(): Promise<void>;
   /** For a child process: what happened and its output tail, once it has exited; otherwise null. */
   died?(): string | null;
+  /** The pooler's process, whose CPU time per transaction the report shows. */
+  pid?: number;
 }
 
 export interface Target { id: TargetId; user: string; start(): Promise<Running> }
@@ -70,7 +72,7 @@ export function pgbouncerTarget(bin: string, pgPort: number, backendHost: string
       const svc = new Service('pgbouncer', bin, args);
       const stop = async (): Promise<void> => { await svc.stop('SIGTERM'); tmp.remove(); };
       try { await svc.waitForPort(port); } catch (e) { await stop(); throw e; }
-      return { port, stop, died: () => svc.died() };
+      return { port, stop, died: () => svc.died(), ...(svc.pid === undefined ? {} : { pid: svc.pid }) };
     },
   };
 }
@@ -137,7 +139,7 @@ export function proxyTarget(repoRoot: string, pgPort: number, backendHost: strin
       const svc = new Service(id, process.execPath, [join(repoRoot, 'bin', 'heliosproxy.js'), '--config', config], { cwd: repoRoot });
       const stop = async (): Promise<void> => { await svc.stop('SIGTERM'); tmp.remove(); };
       try { await svc.waitForPort(listen); } catch (e) { await stop(); throw e; }
-      return { port: listen, stop, died: () => svc.died() };
+      return { port: listen, stop, died: () => svc.died(), ...(svc.pid === undefined ? {} : { pid: svc.pid }) };
     },
   };
 }
