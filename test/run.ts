@@ -38,7 +38,9 @@ function testFiles(filters: string[]): string[] {
 
 function runTests(files: string[], env: NodeJS.ProcessEnv): Promise<number> {
   return new Promise((resolve, reject) => {
-    const args = ['--import', 'tsx', '--test', '--test-concurrency=1', '--test-reporter=spec', ...files];
+    // HELIOS_TEST_NAME: only the tests whose name matches this regular expression (node --test-name-pattern).
+    const only = process.env.HELIOS_TEST_NAME ? [`--test-name-pattern=${process.env.HELIOS_TEST_NAME}`] : [];
+    const args = ['--import', 'tsx', '--test', '--test-concurrency=1', '--test-reporter=spec', ...only, ...files];
     child = spawn(process.execPath, args, { cwd: root, env, stdio: 'inherit', detached: true });
     const timer = setTimeout(() => {
       console.error(`\n[test/run] tests exceeded ${TIMEOUT_MS / 60_000} minutes, killing them`);
