@@ -3,13 +3,18 @@
 // Why: on a 2-core machine a transaction through the proxy costs two reads and two writes, and Node's
 // net.Socket adds per call a Readable push, a Writable queue, a WriteWrap and a nextTick. This channel
 // takes over an already connected, already authenticated TCP socket (a dup of its fd), reads with one
-// read(2) per readiness event and hands the bytes to one JS callback, and writes with write(2)/writev(2)
-// straight from the caller's buffers. Whatever the kernel does not take is copied into the channel's own
-// queue and written when the socket is writable again, so JS never has to keep a buffer alive.
+// recv(2) per readiness event, and writes with send(2)/sendmsg(2) straight from the caller's buffers.
+// Whatever the kernel does not take is copied into the channel's own queue and written when the socket is
+// writable again, so JS never has to keep a buffer alive.
 //
-// Events reach JS as onEvent(kind, value): DATA (byte count now in the read buffer JS registered with
-// setReadBuffer; JS copies them out before returning), END (peer closed its side), ERROR (-errno), DRAIN
-// (the queue emptied). Functions return 0 when done, 1 when bytes were queued, -errno on failure.
+// Batching: entering JS costs more than the JS a relay runs per message, and at 20 clients one epoll
+// wake-up reports a dozen ready sockets. So events are collected for the whole poll phase and reach JS in
+// one call per event-loop turn (from a uv_check handle, which runs right after the poll phase): each event
+// is a triple (channel id, kind, value) in a shared Int32Array, with the bytes of every DATA event laid end
+// to end in the shared read buffer. Kinds: DATA (value = byte count), END (peer closed its side), ERROR
+// (value = -errno), DRAIN (the queue emptied). The writes JS makes while handling a batch come back the
+// same way: flush(count) sends the (channel id, offset, length) triples it collected in its out buffer.
+// Functions return 0 when done, 1 when bytes were queued, -errno on failure.
 #include <node_api.h>
 #include <uv.h>
 #include <errno.h>
@@ -26,9 +31,7 @@ enum { EV_DATA = 0, EV_END = 1, EV_ERROR = 2, EV_DRAIN = 3 };
 typedef struct Channel {
   uv_poll_t poll;
   int fd;
-  napi_env env;
-  napi_ref on_event;
-  napi_async_context async_ctx;
+  int32_t id; // JS's index for it: events name their channel by id, never by pointer
   char *queue;
   size_t queue_start, queue_end, queue_cap;
   int reading;         // wants readable events
@@ -39,12 +42,29 @@ typedef struct Channel {
   int finalized;       // the JS External was collected
 } Channel;
 
-// One read buffer for every channel, owned by JS (setReadBuffer): JS slices each read out of Node's
-// Buffer pool, which costs no malloc for the small reads a relay mostly sees. One buffer per process
-// means one JS thread: the proxy uses the addon from the main thread only, never from workers.
+// Shared with JS (setup): the read buffer every channel reads into during a batch, the event triples,
+// the out buffer and its triples. JS copies each read out of the read buffer before the batch call
+// returns. One set per process means one JS thread: the addon is used from the main thread only.
+static napi_env batch_env = NULL;
+static napi_ref batch_refs[5];
+static napi_ref on_batch = NULL;
+static napi_async_context batch_ctx;
+static uv_check_t batch_check;
 static char *read_buffer = NULL;
-static size_t read_buffer_len = 0;
-static napi_ref read_buffer_ref = NULL;
+static size_t read_buffer_len = 0, read_used = 0;
+static int32_t *events = NULL;
+static size_t events_cap = 0, event_count = 0; // in triples
+static char *out_buffer = NULL;
+static size_t out_buffer_len = 0;
+static int32_t *outs = NULL;
+static size_t outs_cap = 0;
+
+// Open channels by id (JS reuses an id once its channel is closed).
+static Channel **channels = NULL;
+static size_t channels_cap = 0;
+
+// The most one recv takes: a read buffer with less room left is handed to JS first.
+#define READ_CHUNK 65536
 
 static void on_poll(uv_poll_t *handle, int status, int events);
 
@@ -59,36 +79,49 @@ static void update_poll(Channel *c) {
   else uv_poll_start(&c->poll, want, on_poll);
 }
 
-static void emit(Channel *c, int kind, napi_value value) {
-  napi_env env = c->env;
-  napi_value cb, recv, argv[2], result;
-  if (napi_get_reference_value(env, c->on_event, &cb) != napi_ok || cb == NULL) return;
-  napi_get_global(env, &recv);
-  napi_create_int32(env, kind, &argv[0]);
-  argv[1] = value;
-  // make_callback (not call_function): runs queued microtasks and nextTicks afterwards, as Node's own
-  // stream callbacks do.
-  if (napi_make_callback(env, c->async_ctx, recv, cb, 2, argv, &result) == napi_pending_exception) {
-    // A throwing listener must surface as an uncaught exception, as it would from a net.Socket; left
-    // pending, it would swallow every later callback and resurface from an unrelated call.
-    napi_value err;
-    if (napi_get_and_clear_last_exception(env, &err) == napi_ok) napi_fatal_exception(env, err);
+// Hands the collected events to JS in one call. make_callback (not call_function): queued microtasks and
+// nextTicks run afterwards, as after Node's own stream callbacks.
+static void deliver_batch(void) {
+  if (event_count == 0 || on_batch == NULL) return;
+  napi_env env = batch_env;
+  napi_handle_scope scope;
+  napi_open_handle_scope(env, &scope);
+  napi_value cb, recv, argv[1], result;
+  if (napi_get_reference_value(env, on_batch, &cb) == napi_ok && cb != NULL) {
+    napi_get_global(env, &recv);
+    napi_create_uint32(env, (uint32_t)event_count, &argv[0]);
+    if (napi_make_callback(env, batch_ctx, recv, cb, 1, argv, &result) == napi_pending_exception) {
+      // JS catches its listeners' exceptions itself; this is a bug in the dispatcher. Left pending, it
+      // would swallow every later callback, so it surfaces as an uncaught exception.
+      napi_value err;
+      if (napi_get_and_clear_last_exception(env, &err) == napi_ok) napi_fatal_exception(env, err);
+    }
   }
+  napi_close_handle_scope(env, scope);
+  event_count = 0;
+  read_used = 0;
 }
 
-static void emit_int(Channel *c, int kind, int value) {
-  napi_handle_scope scope;
-  napi_open_handle_scope(c->env, &scope);
-  napi_value v;
-  napi_create_int32(c->env, value, &v);
-  emit(c, kind, v);
-  napi_close_handle_scope(c->env, scope);
+static void on_check(uv_check_t *handle) {
+  (void)handle;
+  deliver_batch();
+}
+
+static void push_event(Channel *c, int kind, int value) {
+  if (event_count == events_cap) {
+    deliver_batch();
+    if (c->closing) return; // JS closed it meanwhile: its events are void
+  }
+  int32_t *e = events + 3 * event_count++;
+  e[0] = c->id;
+  e[1] = kind;
+  e[2] = value;
 }
 
 // Writes queued bytes; 0 when the queue is empty, 1 when some remain, -errno on failure.
 static int flush_queue(Channel *c) {
   while (c->queue_end > c->queue_start) {
-    ssize_t n = write(c->fd, c->queue + c->queue_start, c->queue_end - c->queue_start);
+    ssize_t n = send(c->fd, c->queue + c->queue_start, c->queue_end - c->queue_start, MSG_NOSIGNAL);
     if (n < 0) {
       if (errno == EINTR) continue;
       if (errno == EAGAIN || errno == EWOULDBLOCK) return 1;
@@ -118,40 +151,47 @@ static int enqueue(Channel *c, const char *data, size_t len) {
   return 0;
 }
 
-static void on_poll(uv_poll_t *handle, int status, int events) {
+static void on_poll(uv_poll_t *handle, int status, int ready) {
   Channel *c = (Channel *)handle->data;
-  if (c->closing) return;
+  if (c->closing || events == NULL) return;
   if (status < 0) {
-    emit_int(c, EV_ERROR, status);
+    push_event(c, EV_ERROR, status);
     return;
   }
-  if (events & UV_WRITABLE) {
+  if (ready & UV_WRITABLE) {
     int r = flush_queue(c);
     if (r < 0) {
-      emit_int(c, EV_ERROR, r);
+      push_event(c, EV_ERROR, r);
       return;
     }
     if (r == 0) {
       if (c->shutdown_wanted) shutdown(c->fd, SHUT_WR);
       update_poll(c);
-      emit_int(c, EV_DRAIN, 0);
+      push_event(c, EV_DRAIN, 0);
       if (c->closing) return;
     }
   }
-  if ((events & UV_READABLE) && c->reading && read_buffer != NULL) {
+  if ((ready & UV_READABLE) && c->reading) {
+    // Room for a whole chunk and its event, or JS takes what the batch holds first. JS may close this
+    // channel while it handles that batch.
+    if (read_buffer_len - read_used < READ_CHUNK || event_count == events_cap) {
+      deliver_batch();
+      if (c->closing || !c->reading) return;
+    }
     ssize_t n;
-    do n = read(c->fd, read_buffer, read_buffer_len);
+    do n = recv(c->fd, read_buffer + read_used, READ_CHUNK, 0);
     while (n < 0 && errno == EINTR);
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
     if (n <= 0) {
       int err = n == 0 ? 0 : -errno;
       c->reading = 0;
       update_poll(c);
-      if (err == 0) emit_int(c, EV_END, 0);
-      else emit_int(c, EV_ERROR, err);
+      if (err == 0) push_event(c, EV_END, 0);
+      else push_event(c, EV_ERROR, err);
       return;
     }
-    emit_int(c, EV_DATA, (int)n);
+    read_used += (size_t)n;
+    push_event(c, EV_DATA, (int)n);
   }
 }
 
@@ -167,8 +207,10 @@ static void on_handle_closed(uv_handle_t *handle) {
 static void close_channel(Channel *c) {
   if (c->closing) return;
   c->closing = 1;
-  napi_delete_reference(c->env, c->on_event);
-  napi_async_destroy(c->env, c->async_ctx);
+  // Its events still waiting in the batch must not reach whichever channel reuses the id.
+  for (size_t i = 0; i < event_count; i++)
+    if (events[3 * i] == c->id) events[3 * i] = -1;
+  if ((size_t)c->id < channels_cap && channels[c->id] == c) channels[c->id] = NULL;
   uv_close((uv_handle_t *)&c->poll, on_handle_closed);
 }
 
@@ -177,7 +219,7 @@ static void finalize(napi_env env, void *data, void *hint) {
   (void)hint;
   Channel *c = (Channel *)data;
   c->finalized = 1;
-  if (!c->closing) close_channel(c); // unreachable while open: the event callback's reference roots it
+  if (!c->closing) close_channel(c); // unreachable while open: JS holds the socket until it closes it
   else if (c->handle_closed) free(c);
 }
 
@@ -208,14 +250,31 @@ static Channel *channel_args(napi_env env, napi_callback_info info, napi_value *
   return channel_arg(env, argv[0]);
 }
 
-// open(fd, onEvent) -> channel. Duplicates fd, so the caller closes its own copy.
+// open(fd, id) -> channel. Duplicates fd, so the caller closes its own copy. `id` names the channel in
+// events and in flush(); it must not belong to another open channel.
 static napi_value js_open(napi_env env, napi_callback_info info) {
   size_t argc = 2;
   napi_value argv[2];
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  int32_t fd;
-  if (argc < 2 || napi_get_value_int32(env, argv[0], &fd) != napi_ok) {
-    napi_throw_type_error(env, NULL, "fastio.open(fd, onEvent)");
+  int32_t fd, id;
+  if (argc < 2 || napi_get_value_int32(env, argv[0], &fd) != napi_ok || napi_get_value_int32(env, argv[1], &id) != napi_ok || id < 0) {
+    napi_throw_type_error(env, NULL, "fastio.open(fd, id)");
+    return NULL;
+  }
+  if ((size_t)id >= channels_cap) {
+    size_t cap = channels_cap == 0 ? 1024 : channels_cap;
+    while (cap <= (size_t)id) cap *= 2;
+    Channel **grown = realloc(channels, cap * sizeof(Channel *));
+    if (grown == NULL) {
+      napi_throw_error(env, NULL, "fastio: out of memory");
+      return NULL;
+    }
+    memset(grown + channels_cap, 0, (cap - channels_cap) * sizeof(Channel *));
+    channels = grown;
+    channels_cap = cap;
+  }
+  if (channels[id] != NULL) {
+    napi_throw_error(env, NULL, "fastio.open: id in use");
     return NULL;
   }
   int own = fcntl(fd, F_DUPFD_CLOEXEC, 0);
@@ -231,7 +290,7 @@ static napi_value js_open(napi_env env, napi_callback_info info) {
     return NULL;
   }
   c->fd = own;
-  c->env = env;
+  c->id = id;
   c->reading = 1;
   uv_loop_t *loop;
   napi_get_uv_event_loop(env, &loop);
@@ -242,15 +301,33 @@ static napi_value js_open(napi_env env, napi_callback_info info) {
     return NULL;
   }
   c->poll.data = c;
-  napi_create_reference(env, argv[1], 1, &c->on_event);
-  napi_value resource, name;
-  napi_create_object(env, &resource);
-  napi_create_string_utf8(env, "HeliosSocket", NAPI_AUTO_LENGTH, &name);
-  napi_async_init(env, resource, name, &c->async_ctx);
+  channels[id] = c;
   update_poll(c);
   napi_value ext;
   napi_create_external(env, c, finalize, NULL, &ext);
   return ext;
+}
+
+// Sends what the kernel takes now and queues the rest behind anything already queued: 0 written, 1 queued,
+// -errno.
+static int send_or_queue(Channel *c, const char *data, size_t len) {
+  size_t off = 0;
+  if (c->queue_end == c->queue_start) {
+    while (off < len) {
+      ssize_t n = send(c->fd, data + off, len - off, MSG_NOSIGNAL);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+        return -errno;
+      }
+      off += (size_t)n;
+    }
+    if (off == len) return 0;
+  }
+  int r = enqueue(c, data + off, len - off);
+  if (r < 0) return r;
+  update_poll(c);
+  return 1;
 }
 
 // write(channel, buffer) -> 0 written, 1 queued, -errno
@@ -265,23 +342,7 @@ static napi_value js_write(napi_env env, napi_callback_info info) {
     napi_throw_type_error(env, NULL, "fastio.write: expected a Buffer");
     return NULL;
   }
-  size_t off = 0;
-  if (c->queue_end == c->queue_start) {
-    while (off < len) {
-      ssize_t n = write(c->fd, data + off, len - off);
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        if (errno == EAGAIN || errno == EWOULDBLOCK) break;
-        return make_int(env, -errno);
-      }
-      off += (size_t)n;
-    }
-    if (off == len) return make_int(env, 0);
-  }
-  int r = enqueue(c, data + off, len - off);
-  if (r < 0) return make_int(env, r);
-  update_poll(c);
-  return make_int(env, 1);
+  return make_int(env, send_or_queue(c, data, len));
 }
 
 // writev(channel, buffers[]) -> as write; one syscall for what a corked writer collected.
@@ -313,7 +374,10 @@ static napi_value js_writev(napi_env env, napi_callback_info info) {
     size_t done = 0;
     if (!queued) {
       for (;;) {
-        ssize_t w = writev(c->fd, iov, (int)n);
+        struct msghdr msg = {0};
+        msg.msg_iov = iov;
+        msg.msg_iovlen = n;
+        ssize_t w = sendmsg(c->fd, &msg, MSG_NOSIGNAL);
         if (w < 0) {
           if (errno == EINTR) continue;
           if (errno == EAGAIN || errno == EWOULDBLOCK) break;
@@ -378,21 +442,84 @@ static napi_value js_queued(napi_env env, napi_callback_info info) {
   return make_int(env, (int)(c->queue_end - c->queue_start));
 }
 
-// setReadBuffer(buffer): where every channel reads to; kept alive here.
-static napi_value js_set_read_buffer(napi_env env, napi_callback_info info) {
+// The memory behind a Buffer or Int32Array argument (kept alive by a reference in batch_refs).
+static int shared_memory(napi_env env, napi_value v, int slot, void **data, size_t *len) {
+  bool is_buffer = false, is_typed = false;
+  napi_is_buffer(env, v, &is_buffer);
+  if (is_buffer) {
+    if (napi_get_buffer_info(env, v, data, len) != napi_ok) return 0;
+  } else {
+    napi_is_typedarray(env, v, &is_typed);
+    napi_typedarray_type type;
+    size_t length;
+    if (!is_typed || napi_get_typedarray_info(env, v, &type, &length, data, NULL, NULL) != napi_ok || type != napi_int32_array) return 0;
+    *len = length; // elements
+  }
+  if (batch_refs[slot] != NULL) napi_delete_reference(env, batch_refs[slot]);
+  napi_create_reference(env, v, 1, &batch_refs[slot]);
+  return *len > 0;
+}
+
+// setup(readBuffer, events: Int32Array, outBuffer, outs: Int32Array, onBatch(count)): once, before open().
+static napi_value js_setup(napi_env env, napi_callback_info info) {
+  size_t argc = 5;
+  napi_value argv[5];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  void *rb, *ev, *ob, *os;
+  size_t rb_len, ev_len, ob_len, os_len;
+  if (argc < 5 || !shared_memory(env, argv[0], 0, &rb, &rb_len) || rb_len < 2 * READ_CHUNK || !shared_memory(env, argv[1], 1, &ev, &ev_len) ||
+      ev_len < 3 || !shared_memory(env, argv[2], 2, &ob, &ob_len) || !shared_memory(env, argv[3], 3, &os, &os_len) || os_len < 3) {
+    napi_throw_type_error(env, NULL, "fastio.setup(readBuffer, events, outBuffer, outs, onBatch)");
+    return NULL;
+  }
+  if (on_batch != NULL) {
+    napi_throw_error(env, NULL, "fastio.setup: already set up");
+    return NULL;
+  }
+  read_buffer = rb;
+  read_buffer_len = rb_len;
+  events = ev;
+  events_cap = ev_len / 3;
+  out_buffer = ob;
+  out_buffer_len = ob_len;
+  outs = os;
+  outs_cap = os_len / 3;
+  batch_env = env;
+  napi_create_reference(env, argv[4], 1, &on_batch);
+  napi_value resource, name;
+  napi_create_object(env, &resource);
+  napi_create_string_utf8(env, "HeliosSocket", NAPI_AUTO_LENGTH, &name);
+  napi_async_init(env, resource, name, &batch_ctx);
+  uv_loop_t *loop;
+  napi_get_uv_event_loop(env, &loop);
+  uv_check_init(loop, &batch_check);
+  uv_check_start(&batch_check, on_check);
+  uv_unref((uv_handle_t *)&batch_check); // it must not keep the process alive
+  return NULL;
+}
+
+// flush(count): sends the writes JS collected while handling a batch, each (channel id, offset, length)
+// into the out buffer, in order. Each triple's first element is overwritten with its result (0 written,
+// 1 queued, -errno, or 2 when the channel had closed), for JS to apply backpressure and errors.
+static napi_value js_flush(napi_env env, napi_callback_info info) {
   size_t argc = 1;
   napi_value argv[1];
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  void *data;
-  size_t len;
-  if (argc < 1 || napi_get_buffer_info(env, argv[0], &data, &len) != napi_ok || len == 0) {
-    napi_throw_type_error(env, NULL, "fastio.setReadBuffer(buffer)");
+  uint32_t count = 0;
+  if (argc < 1 || napi_get_value_uint32(env, argv[0], &count) != napi_ok || count > outs_cap) {
+    napi_throw_type_error(env, NULL, "fastio.flush(count)");
     return NULL;
   }
-  if (read_buffer_ref != NULL) napi_delete_reference(env, read_buffer_ref);
-  napi_create_reference(env, argv[0], 1, &read_buffer_ref);
-  read_buffer = data;
-  read_buffer_len = len;
+  for (uint32_t i = 0; i < count; i++) {
+    int32_t *o = outs + 3 * i;
+    int32_t id = o[0];
+    Channel *c = id >= 0 && (size_t)id < channels_cap ? channels[id] : NULL;
+    if (c == NULL || c->closing || o[1] < 0 || o[2] < 0 || (size_t)o[1] + (size_t)o[2] > out_buffer_len) {
+      o[0] = 2;
+      continue;
+    }
+    o[0] = send_or_queue(c, out_buffer + o[1], (size_t)o[2]);
+  }
   return NULL;
 }
 
@@ -412,7 +539,8 @@ static napi_value init(napi_env env, napi_value exports) {
       {"shutdown", NULL, js_shutdown, NULL, NULL, NULL, napi_default, NULL},
       {"queued", NULL, js_queued, NULL, NULL, NULL, napi_default, NULL},
       {"close", NULL, js_close, NULL, NULL, NULL, napi_default, NULL},
-      {"setReadBuffer", NULL, js_set_read_buffer, NULL, NULL, NULL, napi_default, NULL},
+      {"setup", NULL, js_setup, NULL, NULL, NULL, napi_default, NULL},
+      {"flush", NULL, js_flush, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;

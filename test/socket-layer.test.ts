@@ -1160,6 +1160,66 @@ for (const layer of LAYERS) {
       }
     });
 
+    // The native layer hands every socket's reads of one event-loop turn to JS together: a socket paused
+    // while an earlier read of that turn is handled must still emit nothing until it is resumed.
+    test('io layer: a socket paused by the handler of another socket\'s read in the same turn emits nothing until resumed, then its bytes in order', T, async () => {
+      const server = createServer();
+      await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+      const port = (server.address() as { port: number }).port;
+      const accepted: Socket[] = [];
+      server.on('connection', (s) => accepted.push(s));
+      const dial = (): Promise<Socket> =>
+        new Promise((resolve, reject) => {
+          const c = netConnect({ host: '127.0.0.1', port, noDelay: true }, () => resolve(c));
+          c.once('error', reject);
+        });
+      const peers = [await dial(), await dial()] as const;
+      await eventually(() => accepted.length === 2, 2000, 'both accepted');
+      const sockets = accepted.map((s): ByteStream => {
+        if (!native) return s;
+        const n = adoptSocket(s);
+        assert.ok(n !== null, 'adopted');
+        return n;
+      });
+      await sleep(20);
+      const got: string[][] = [[], []];
+      let paused = -1;
+      let emittedWhilePaused = false;
+      for (const i of [0, 1]) {
+        sockets[i]!.on('data', (chunk: Buffer) => {
+          if (paused === i && sockets[i]!.isPaused()) emittedWhilePaused = true;
+          got[i]!.push(chunk.toString());
+          if (paused === -1) {
+            paused = 1 - i;
+            sockets[paused]!.pause();
+          }
+        });
+      }
+      try {
+        // Both peers write in one turn: both sockets are readable in the same poll.
+        peers[0].write('zero');
+        peers[1].write('one');
+        await eventually(() => paused !== -1, 2000, 'a first read');
+        await sleep(100);
+        const p = paused;
+        assert.equal(emittedWhilePaused, false, 'no data while paused');
+        assert.deepEqual(got[p], [], 'nothing for the paused socket yet');
+        peers[p]!.write('+more');
+        await sleep(50);
+        assert.deepEqual(got[p], [], 'still nothing while paused');
+        sockets[p]!.resume();
+        const want = `${p === 0 ? 'zero' : 'one'}+more`;
+        await eventually(() => got[p]!.join('') === want, 2000, `the paused socket's bytes after resume (${got[p]!.join('|')})`);
+        await sleep(50);
+        assert.equal(got[p]!.join(''), want, 'each byte once, in order');
+        assert.equal(emittedWhilePaused, false);
+      } finally {
+        for (const s of sockets) s.destroy();
+        for (const s of peers) s.destroy();
+        server.close();
+      }
+    });
+
     test('a client that closes while its result is on the way (its FIN and the result cross): the session ends, nothing leaks', T, async () => {
       const before = await acmeClients(tx);
       const sessionsBefore = new Set(tx.proxy.ctx.sessions);

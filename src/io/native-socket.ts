@@ -38,8 +38,9 @@ interface Channel {
   readonly __channel: unique symbol;
 }
 interface FastIo {
-  setReadBuffer(buf: Buffer): void;
-  open(fd: number, onEvent: (kind: number, value: number) => void): Channel;
+  setup(readBuffer: Buffer, events: Int32Array, outBuffer: Buffer, outs: Int32Array, onBatch: (count: number) => void): void;
+  open(fd: number, id: number): Channel;
+  flush(count: number): void;
   write(ch: Channel, data: Buffer): number;
   writev(ch: Channel, data: Buffer[]): number;
   setReading(ch: Channel, on: boolean): void;
@@ -56,13 +57,80 @@ const EV_END = 1;
 const EV_ERROR = 2;
 const EV_DRAIN = 3;
 
-/** Where every channel's read(2) lands; each read is copied out at once (see onEvent). */
-const readBuffer = Buffer.allocUnsafeSlow(65536);
+// Memory shared with the addon (see native/fastio.c). One event-loop turn's reads land end to end in
+// readBuffer and are described by (channel id, kind, value) triples in `events`; JS copies each read out
+// while it handles the batch. Writes made while handling a batch are copied into outBuffer, described by
+// (channel id, offset, length) triples in `outs`, and sent by one flush() when the batch is done.
+const READ_BUFFER_SIZE = 1 << 20; // at least 16 full 64 KiB reads per batch
+const MAX_EVENTS = 4096;
+const OUT_BUFFER_SIZE = 1 << 20;
+const MAX_OUTS = 4096;
+/** Larger writes go straight to the kernel: copying them would cost more than the call saved. */
+const MAX_DEFERRED_WRITE = 16384;
+
+const readBuffer = Buffer.allocUnsafeSlow(READ_BUFFER_SIZE);
+const events = new Int32Array(3 * MAX_EVENTS);
+const outBuffer = Buffer.allocUnsafeSlow(OUT_BUFFER_SIZE);
+const outs = new Int32Array(3 * MAX_OUTS);
+/** The socket of each triple in `outs` (flush overwrites the id with the result). */
+const outSockets: (NativeSocket | null)[] = new Array<NativeSocket | null>(MAX_OUTS).fill(null);
+let outCount = 0;
+let outUsed = 0;
+/** A batch is being handled: writes are collected for one flush at its end. */
+let dispatching = false;
+
+/** Open sockets by channel id. An id is reused once its channel is closed (the addon voids its pending events). */
+const socketsById: (NativeSocket | undefined)[] = [];
+const freeIds: number[] = [];
+
+function onBatch(count: number): void {
+  dispatching = true;
+  let offset = 0;
+  try {
+    for (let i = 0, j = 0; i < count; i++, j += 3) {
+      const kind = events[j + 1]!;
+      const value = events[j + 2]!;
+      const start = offset;
+      if (kind === EV_DATA) offset += value;
+      // Read now, not before the loop: a socket closed while an earlier event was handled has its id voided.
+      const id = events[j]!;
+      const socket = id < 0 ? undefined : socketsById[id];
+      if (socket === undefined) continue;
+      try {
+        socket.onEvent(kind, value, start);
+      } catch (err) {
+        // As from a net.Socket listener: an uncaught exception, without losing the rest of the batch.
+        process.nextTick(rethrow, err);
+      }
+    }
+  } finally {
+    dispatching = false;
+    flushDeferred();
+  }
+}
+
+function rethrow(err: unknown): never {
+  throw err;
+}
+
+/** Sends the writes collected during a batch, then applies each result to its socket. */
+function flushDeferred(): void {
+  const n = outCount;
+  if (n === 0) return;
+  outCount = 0;
+  outUsed = 0;
+  loaded.io!.flush(n);
+  for (let i = 0, j = 0; i < n; i++, j += 3) {
+    const socket = outSockets[i]!;
+    outSockets[i] = null;
+    socket.flushed(outs[j]!);
+  }
+}
 
 function loadFastIo(): { io: FastIo | null; why: string } {
   try {
     const io = createRequire(import.meta.url)('../../build/Release/fastio.node') as FastIo;
-    io.setReadBuffer(readBuffer);
+    io.setup(readBuffer, events, outBuffer, outs, onBatch);
     return { io, why: 'native/fastio.c built' };
   } catch (err) {
     return { io: null, why: `native/fastio.c not built (${err instanceof Error ? err.message.split('\n')[0] : String(err)}); run npm install with a C compiler` };
@@ -133,6 +201,14 @@ export class NativeSocket extends EventEmitter implements ByteStream {
   private corkedFirst: Buffer | null = null;
   private corkedRest: Buffer[] | null = null;
   private queued = false;
+  /** The peer's FIN was read (its 'end' may still be held). */
+  private eof = false;
+  /**
+   * Reads (a Buffer) and the FIN (null) of a batch that reached this socket after it was paused while the
+   * batch was handled: a paused stream emits nothing until resumed.
+   */
+  private held: (Buffer | null)[] | null = null;
+  private readonly id: number;
   private channel: Channel;
   /**
    * The relay's one 'data' listener, called directly: EventEmitter's lookup by event name is a
@@ -147,31 +223,57 @@ export class NativeSocket extends EventEmitter implements ByteStream {
     readonly remotePort: number | undefined,
   ) {
     super();
-    this.channel = io.open(fd, (kind, value) => this.onEvent(kind, value));
+    this.id = freeIds.pop() ?? socketsById.length;
+    this.channel = io.open(fd, this.id);
+    socketsById[this.id] = this;
     nativeSocketStats.open++;
   }
 
-  private onEvent(kind: number, value: number): void {
+  /** One event of a batch; a DATA event's bytes are readBuffer[start, start + value). */
+  onEvent(kind: number, value: number, start: number): void {
     if (this.destroyed) return;
     if (kind === EV_DATA) {
       // A slice of Node's Buffer pool for small reads: the bytes outlive the shared read buffer.
       const chunk = Buffer.allocUnsafe(value);
-      readBuffer.copy(chunk, 0, 0, value);
-      const listener = this.dataListener;
-      if (listener !== null) listener(chunk);
-      else this.emit('data', chunk);
+      readBuffer.copy(chunk, 0, start, start + value);
+      if (this.paused || this.held !== null) (this.held ??= []).push(chunk);
+      else this.data(chunk);
     } else if (kind === EV_DRAIN) {
       this.queued = false;
       if (this.writableEnded && this.readableEnded) this.destroy();
       else this.emit('drain');
     } else if (kind === EV_END) {
-      this.readableEnded = true;
-      this.emit('end');
-      if (this.destroyed) return;
-      if (!this.writableEnded) this.end();
-      else if (!this.queued) this.destroy();
+      this.eof = true;
+      if (this.paused || this.held !== null) (this.held ??= []).push(null);
+      else this.ended();
     } else if (kind === EV_ERROR) this.destroy(errnoError(value, 'read'));
   }
+
+  private data(chunk: Buffer): void {
+    const listener = this.dataListener;
+    if (listener !== null) listener(chunk);
+    else this.emit('data', chunk);
+  }
+
+  private ended(): void {
+    this.readableEnded = true;
+    this.emit('end');
+    if (this.destroyed) return;
+    if (!this.writableEnded) this.end();
+    else if (!this.queued) this.destroy();
+  }
+
+  /** Delivers what arrived in the batch that paused this socket, in order, as a resumed net.Socket would. */
+  private readonly replayHeld = (): void => {
+    const held = this.held;
+    if (held === null) return;
+    while (held.length > 0 && !this.paused && !this.destroyed) {
+      const item = held.shift()!;
+      if (item === null) this.ended();
+      else this.data(item);
+    }
+    if (held.length === 0 && this.held === held) this.held = null;
+  };
 
   write(data: Buffer | string): boolean {
     if (this.destroyed || this.writableEnded) return false;
@@ -181,7 +283,39 @@ export class NativeSocket extends EventEmitter implements ByteStream {
       else (this.corkedRest ??= []).push(buf);
       return !this.queued;
     }
+    return this.send(buf);
+  }
+
+  /**
+   * During a batch, a small write is copied into the out buffer (joined to this socket's previous one when
+   * that was the last collected) and sent by the batch's flush; otherwise it goes out now, after whatever
+   * was collected. Either way the bytes reach the kernel in the order written.
+   */
+  private send(buf: Buffer): boolean {
+    if (dispatching && !this.queued && buf.length <= MAX_DEFERRED_WRITE) {
+      if (outUsed + buf.length > OUT_BUFFER_SIZE || outCount === MAX_OUTS) flushDeferred();
+      buf.copy(outBuffer, outUsed);
+      const last = 3 * (outCount - 1);
+      if (outCount > 0 && outSockets[outCount - 1] === this && outs[last + 1]! + outs[last + 2]! === outUsed) outs[last + 2] = outs[last + 2]! + buf.length;
+      else {
+        const j = 3 * outCount;
+        outs[j] = this.id;
+        outs[j + 1] = outUsed;
+        outs[j + 2] = buf.length;
+        outSockets[outCount++] = this;
+      }
+      outUsed += buf.length;
+      return true;
+    }
+    if (outCount > 0) flushDeferred();
     return this.sent(this.io.write(this.channel, buf));
+  }
+
+  /** The result of a collected write (flush): 0 sent, 1 queued (backpressure from the next write on), 2 closed, -errno. */
+  flushed(result: number): void {
+    if (this.destroyed) return;
+    if (result === 1) this.queued = true;
+    else if (result < 0) this.destroy(errnoError(result, 'write'));
   }
 
   private sent(result: number): boolean {
@@ -205,7 +339,15 @@ export class NativeSocket extends EventEmitter implements ByteStream {
     if (first === null || this.destroyed) return;
     this.corkedFirst = null;
     this.corkedRest = null;
-    this.sent(rest === null ? this.io.write(this.channel, first) : this.io.writev(this.channel, [first, ...rest]));
+    if (rest === null) this.send(first);
+    else if (dispatching) {
+      // Collected one after the other, they join into one send.
+      this.send(first);
+      for (const b of rest) this.send(b);
+    } else {
+      if (outCount > 0) flushDeferred();
+      this.sent(this.io.writev(this.channel, [first, ...rest]));
+    }
   }
 
   pause(): this {
@@ -219,7 +361,8 @@ export class NativeSocket extends EventEmitter implements ByteStream {
   resume(): this {
     if (this.paused && !this.destroyed) {
       this.paused = false;
-      if (!this.readableEnded) this.io.setReading(this.channel, true);
+      if (!this.eof) this.io.setReading(this.channel, true);
+      if (this.held !== null) process.nextTick(this.replayHeld);
     }
     return this;
   }
@@ -238,6 +381,8 @@ export class NativeSocket extends EventEmitter implements ByteStream {
     }
     if (this.destroyed) return this;
     this.writableEnded = true;
+    if (outCount > 0) flushDeferred(); // what was written before end() goes before the FIN
+    if (this.destroyed) return this;
     let r = this.io.shutdown(this.channel);
     if (r === -107) r = 0; // ENOTCONN: the peer is already gone, so our side is as closed as it gets
     if (r < 0) this.destroy(errnoError(r, 'shutdown'));
@@ -307,9 +452,15 @@ export class NativeSocket extends EventEmitter implements ByteStream {
     if (this.destroyed) return this;
     this.destroyed = true;
     this.writableEnded = true;
+    // Bytes written before destroy() reach the kernel, as they would have without batching (a failure
+    // there reports to flushed(), which ignores a destroyed socket).
+    if (outCount > 0) flushDeferred();
     this.corkedFirst = null;
     this.corkedRest = null;
+    this.held = null;
     this.io.close(this.channel);
+    socketsById[this.id] = undefined;
+    freeIds.push(this.id);
     nativeSocketStats.open--;
     // As net.Socket: 'error' and 'close' come after the current call stack, never inside it.
     process.nextTick(() => {
