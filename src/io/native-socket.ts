@@ -3,6 +3,7 @@
 // relay's reads and writes skip Node's stream layer (native/fastio.c). Everything above this folder sees
 // the same events either way: 'data', 'drain', 'end', 'error', 'close'.
 import { EventEmitter } from 'node:events';
+import { performance } from 'node:perf_hooks';
 import { createRequire } from 'node:module';
 import { Socket } from 'node:net';
 import { TLSSocket } from 'node:tls';
@@ -78,12 +79,23 @@ let outCount = 0;
 let outUsed = 0;
 /** A batch is being handled: writes are collected for one flush at its end. */
 let dispatching = false;
+let batchStartedAt = 0;
+
+/**
+ * performance.now() as read when the batch now being handled started, or read now outside a batch. The
+ * proxy's per-request clocks (request latency, statement start, pool idle times, the QPS bucket) need no
+ * finer grain than one event-loop turn, and four clock reads per transaction were ~1% of its CPU.
+ */
+export function turnNow(): number {
+  return dispatching ? batchStartedAt : performance.now();
+}
 
 /** Open sockets by channel id. An id is reused once its channel is closed (the addon voids its pending events). */
 const socketsById: (NativeSocket | undefined)[] = [];
 const freeIds: number[] = [];
 
 function onBatch(count: number): void {
+  batchStartedAt = performance.now();
   dispatching = true;
   let offset = 0;
   try {

@@ -1,7 +1,7 @@
 // policy/ owns what a tenant's SQL may do. This file is the tenant's QPS token bucket: refilled at
 // qps_limit per second, holding at most qps_limit × burst_multiplier, shared by all the tenant's
 // connections. A statement over the limit is refused at once, never queued.
-import { performance } from 'node:perf_hooks';
+import { turnNow } from '../io/native-socket.js';
 
 export class TokenBucket {
   private tokens: number;
@@ -10,7 +10,7 @@ export class TokenBucket {
   constructor(
     public rate: number,
     public capacity: number,
-    private readonly now: () => number = () => performance.now(),
+    private readonly now: () => number = turnNow,
   ) {
     this.tokens = capacity;
     this.last = this.now();

@@ -2,8 +2,8 @@
 // FIFO; a PoolGroup caps several pools together (the shared pool, or one tenant's dedicated pool); the
 // tenant's own backend cap applies in either. Waiters are served in order, skipping any whose tenant is at
 // its cap so one busy tenant cannot block the others.
-import { performance } from 'node:perf_hooks';
 import type { Secret } from '../auth/credentials.js';
+import { turnNow } from '../io/native-socket.js';
 import type { Tenant } from '../tenancy/registry.js';
 import { BackendUnavailable, ServerConnection, type BackendTarget } from './server-connection.js';
 
@@ -105,7 +105,7 @@ export class Pool {
         this.waiters.push(w);
         this.pump();
       });
-      if (fresh !== null || !this.limits.testOnAcquire || performance.now() - conn.lastUsedAt < TEST_AFTER_IDLE_MS) return conn;
+      if (fresh !== null || !this.limits.testOnAcquire || turnNow() - conn.lastUsedAt < TEST_AFTER_IDLE_MS) return conn;
       try {
         await conn.run(['']);
         return conn;
@@ -121,7 +121,7 @@ export class Pool {
    */
   tryTake(tenant: Tenant): ServerConnection | null {
     if (this.waiters.length > 0 || this.idle.length === 0 || tenant.backendsInUse >= tenant.maxBackends) return null;
-    const now = performance.now();
+    const now = turnNow();
     const conn = this.takeIdle(tenant.ownerKey, now);
     if (conn === undefined) return null;
     if (this.limits.testOnAcquire && now - conn.lastUsedAt >= TEST_AFTER_IDLE_MS) {
@@ -164,7 +164,7 @@ export class Pool {
         continue;
       }
       let conn: ServerConnection | undefined;
-      if (w.fresh === null && this.idle.length > 0) conn = this.takeIdle(w.tenant.ownerKey, performance.now());
+      if (w.fresh === null && this.idle.length > 0) conn = this.takeIdle(w.tenant.ownerKey, turnNow());
       if (conn !== undefined) {
         this.waiters.splice(i, 1);
         this.handOut(w, conn);
@@ -251,7 +251,7 @@ export class Pool {
   release(conn: ServerConnection, reusable: boolean, tenant?: Tenant): void {
     if (!this.busy.delete(conn)) return;
     if (tenant !== undefined) tenant.backendsInUse--;
-    const now = performance.now();
+    const now = turnNow();
     const expired = now - conn.createdAt >= this.limits.maxLifetimeMs;
     // After a reload shrank the pool or its group, a returning connection above the cap closes.
     const surplus = this.size >= this.limits.maxSize || this.group.size >= this.group.max;

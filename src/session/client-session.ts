@@ -5,7 +5,6 @@
 // backend goes back to its pool (transaction/statement mode).
 import { randomBytes } from 'node:crypto';
 import { Socket } from 'node:net';
-import { performance } from 'node:perf_hooks';
 import { TLSSocket, type SecureContext } from 'node:tls';
 import type { Logger } from 'pino';
 import type { CredentialStore } from '../auth/credentials.js';
@@ -13,7 +12,7 @@ import { TokenRefused, type JwtVerifier } from '../auth/jwt.js';
 import { md5Matches, md5Secret } from '../auth/md5.js';
 import { cachedDerive, mockScramKeys, ScramError, ScramServerExchange, type ScramKeys } from '../auth/scram.js';
 import type { Config } from '../config/schema.js';
-import { adoptSocket, type ByteStream } from '../io/native-socket.js';
+import { adoptSocket, turnNow, type ByteStream } from '../io/native-socket.js';
 import { MessageFramer, ProtocolViolation, StartupFramer, type FrameSink } from '../protocol/framer.js';
 import { isLoopback } from '../protocol/tls.js';
 import {
@@ -134,7 +133,7 @@ export class ClientSession implements ServerRelay {
   /** identity.tenant, once the login has confirmed it (the relay's hot path reads it per row). */
   private tenant!: Tenant;
   private latency: { observe(seconds: number): void } | null = null;
-  /** When the request now in flight reached the proxy (performance.now()); measured to its ReadyForQuery. */
+  /** When the request now in flight reached the proxy (turnNow(), ms); measured to its ReadyForQuery. */
   private requestStartedAt = 0;
   private desired = new Map<string, string>();
   private cancelKey: { pid: number; secret: number } | null = null;
@@ -162,7 +161,7 @@ export class ClientSession implements ServerRelay {
   private refusal: Rejection | null = null;
   private judgedFacts: StatementFacts[] | null = null;
   private skippingUntilSync = false;
-  /** When the statement now running started (performance.now(), ms), 0 when none; watched against max_query_duration. */
+  /** When the statement now running started (turnNow(), ms), 0 when none; watched against max_query_duration. */
   private runningSince = 0;
   /** Why the proxy itself cancelled the running statement, so its 57014 can be reworded. */
   private cancelReason: 'duration' | 'result' | null = null;
@@ -774,7 +773,7 @@ export class ClientSession implements ServerRelay {
         }
         this.inHead++;
         if (this.expect.length === 0) {
-          this.requestStartedAt = performance.now();
+          this.requestStartedAt = turnNow();
           this.requestFailed = false;
         }
         if (this.refusal !== null) this.refuseThroughServer(this.refusal, type);
@@ -991,7 +990,7 @@ export class ClientSession implements ServerRelay {
     this.rowCount = 0;
     this.byteCount = 0;
     // The duration watch drops the session from ctx.running itself: no Set churn per statement.
-    if (this.expect.length > 0 && this.runningSince !== 0) this.runningSince = performance.now();
+    if (this.expect.length > 0 && this.runningSince !== 0) this.runningSince = turnNow();
     else this.runningSince = 0;
   }
 
@@ -1000,7 +999,7 @@ export class ClientSession implements ServerRelay {
     tenant.stats.queries++;
     if (this.runningSince === 0 && tenant.maxDurationMs !== null) {
       // The request's own start time when this is its first statement: one clock read, not two.
-      this.runningSince = this.expect.length <= 1 ? this.requestStartedAt : performance.now();
+      this.runningSince = this.expect.length <= 1 ? this.requestStartedAt : turnNow();
       this.ctx.running.add(this);
     }
   }
@@ -1629,7 +1628,7 @@ export class ClientSession implements ServerRelay {
     this.txStatus = status;
     this.toClient(buf, start, end);
     this.emitSynthesized();
-    if (this.expect.length === 0) this.latency?.observe((performance.now() - this.requestStartedAt) / 1000);
+    if (this.expect.length === 0) this.latency?.observe((turnNow() - this.requestStartedAt) / 1000);
     if (this.expect.length === 0 && status === 'I' && mode !== 'session' && !this.awaitingSync && this.pinned === null) this.releaseServer(true);
     if (this.expect.length === 0 && status === 'I' && !this.awaitingSync) {
       const reason = this.endingReason();
