@@ -341,6 +341,44 @@ async function noLeaks(p: TestProxy, clients: number, what: string): Promise<voi
 }
 
 /** Open native sockets the proxies of a describe account for: logged-in clients and pooled backends. */
+/**
+ * Two TCP connections through a local server, for the io-layer tests: `peers` are the dialing ends, `sockets`
+ * the accepted ends, moved onto the native layer when `native` (each stands for a socket of the proxy).
+ */
+async function acceptedPair(native: boolean): Promise<{ peers: [Socket, Socket]; sockets: [ByteStream, ByteStream]; close(): void }> {
+  const server = createServer();
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  const port = (server.address() as { port: number }).port;
+  const accepted: Socket[] = [];
+  server.on('connection', (s) => accepted.push(s));
+  const dial = (): Promise<Socket> =>
+    new Promise((resolve, reject) => {
+      const c = netConnect({ host: '127.0.0.1', port, noDelay: true }, () => resolve(c));
+      c.once('error', reject);
+    });
+  const peers: [Socket, Socket] = [await dial(), await dial()];
+  await eventually(() => accepted.length === 2, 2000, 'both accepted');
+  const wrap = (s: Socket): ByteStream => {
+    s.on('error', () => {});
+    if (!native) return s;
+    const n = adoptSocket(s);
+    assert.ok(n !== null, 'adopted');
+    return n;
+  };
+  const sockets: [ByteStream, ByteStream] = [wrap(accepted[0]!), wrap(accepted[1]!)];
+  // Let the event loop register both sockets with the poller first: readiness order then decides.
+  await sleep(20);
+  return {
+    peers,
+    sockets,
+    close: () => {
+      for (const x of sockets) x.destroy();
+      for (const x of peers) x.destroy();
+      server.close();
+    },
+  };
+}
+
 function accountedNative(proxies: TestProxy[]): number {
   let n = 0;
   for (const p of proxies) {
@@ -1111,31 +1149,10 @@ for (const layer of LAYERS) {
     // nativeSocketStats leaked, and proxy.close() left the socket open.
 
     test('io layer: a peer that closes (FIN) and resets (RST) before its FIN is read: the socket closes', T, async () => {
-      // Two connections through a local server: "a" stands for a client socket of the proxy, "b" for its backend.
-      const server = createServer();
-      await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
-      const port = (server.address() as { port: number }).port;
-      const accepted: Socket[] = [];
-      server.on('connection', (s) => accepted.push(s));
-      const dial = (): Promise<Socket> =>
-        new Promise((resolve, reject) => {
-          const c = netConnect({ host: '127.0.0.1', port, noDelay: true }, () => resolve(c));
-          c.once('error', reject);
-        });
-      const peerA = await dial();
-      const peerB = await dial();
-      await eventually(() => accepted.length === 2, 2000, 'both accepted');
-      const wrap = (s: Socket): ByteStream => {
-        s.on('error', () => {});
-        if (!native) return s;
-        const n = adoptSocket(s);
-        assert.ok(n !== null, 'adopted');
-        return n;
-      };
-      const a = wrap(accepted[0]!);
-      const b = wrap(accepted[1]!);
-      // Let the event loop register both sockets with the poller first: readiness order then decides.
-      await sleep(20);
+      // "a" stands for a client socket of the proxy, "b" for its backend.
+      const pair = await acceptedPair(native);
+      const [peerA, peerB] = pair.peers;
+      const [a, b] = pair.sockets;
       peerA.on('error', () => {});
       peerB.on('error', () => {});
       a.on('error', () => {});
@@ -1153,35 +1170,15 @@ for (const layer of LAYERS) {
         await within(aEnded, 2000, "a's 'end'");
         await within(aClosed, 2000, "a's 'close' after its peer closed and reset");
       } finally {
-        a.destroy();
-        b.destroy();
-        peerB.destroy();
-        server.close();
+        pair.close();
       }
     });
 
     // The native layer hands every socket's reads of one event-loop turn to JS together: a socket paused
     // while an earlier read of that turn is handled must still emit nothing until it is resumed.
     test('io layer: a socket paused by the handler of another socket\'s read in the same turn emits nothing until resumed, then its bytes in order', T, async () => {
-      const server = createServer();
-      await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
-      const port = (server.address() as { port: number }).port;
-      const accepted: Socket[] = [];
-      server.on('connection', (s) => accepted.push(s));
-      const dial = (): Promise<Socket> =>
-        new Promise((resolve, reject) => {
-          const c = netConnect({ host: '127.0.0.1', port, noDelay: true }, () => resolve(c));
-          c.once('error', reject);
-        });
-      const peers = [await dial(), await dial()] as const;
-      await eventually(() => accepted.length === 2, 2000, 'both accepted');
-      const sockets = accepted.map((s): ByteStream => {
-        if (!native) return s;
-        const n = adoptSocket(s);
-        assert.ok(n !== null, 'adopted');
-        return n;
-      });
-      await sleep(20);
+      const pair = await acceptedPair(native);
+      const { peers, sockets } = pair;
       const got: string[][] = [[], []];
       let paused = -1;
       let emittedWhilePaused = false;
@@ -1214,9 +1211,7 @@ for (const layer of LAYERS) {
         assert.equal(got[p]!.join(''), want, 'each byte once, in order');
         assert.equal(emittedWhilePaused, false);
       } finally {
-        for (const s of sockets) s.destroy();
-        for (const s of peers) s.destroy();
-        server.close();
+        pair.close();
       }
     });
 
