@@ -4,7 +4,7 @@
 // parameters of every JSON type, arrayMode, request errors (400/404/405), transactions that commit all or
 // nothing, metrics, a client that hangs up, sessions that never leak, and HTTPS for the gateway and admin API.
 import assert from 'node:assert/strict';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { request as httpRequest, type IncomingHttpHeaders } from 'node:http';
 import { connect as netConnect, type Socket } from 'node:net';
 import { request as httpsRequest } from 'node:https';
@@ -19,6 +19,7 @@ import { testCerts, type TestCerts } from './helpers/certs.js';
 import { direct, eventually, loadTestConfig, startProxy, type TestProxy } from './helpers/proxy.js';
 
 const tmp = mkdtempSync(join(tmpdir(), 'helios-http-'));
+after(() => rmSync(tmp, { recursive: true, force: true }));
 const userlist = join(tmp, 'userlist.txt');
 writeFileSync(userlist, '"appuser" "apppass"\n');
 const ACME_KEY = 'acme-key-0123456789abcdef';

@@ -5,7 +5,7 @@
 // errors that name the key, and a reload that rotates the secret.
 import assert from 'node:assert/strict';
 import { generateKeyPairSync } from 'node:crypto';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
@@ -17,6 +17,7 @@ import { runPsql } from './helpers/pg.js';
 import { loadTestConfig, loginFails, startFromFile, startProxy, writeConfigFile, type TestProxy } from './helpers/proxy.js';
 
 const tmp = mkdtempSync(join(tmpdir(), 'helios-jwt-'));
+after(() => rmSync(tmp, { recursive: true, force: true }));
 const SECRET = 'a-test-secret-that-is-long-enough-for-hs256!';
 const userlist = join(tmp, 'userlist.txt');
 writeFileSync(userlist, '"appuser" "apppass"\n');

@@ -7,7 +7,7 @@
 // secrets (passthrough passwords, JWTs) are accepted over TLS only.
 import assert from 'node:assert/strict';
 import { X509Certificate } from 'node:crypto';
-import { chownSync, copyFileSync, chmodSync, mkdtempSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { chownSync, copyFileSync, chmodSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { connect as netConnect, type Socket } from 'node:net';
 import { networkInterfaces, tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -362,7 +362,10 @@ describe('client TLS: reload serves a renewed certificate', () => {
     write(certs.certFile, certs.keyFile);
     proxy = await startFromFile(path, { admin: true });
   });
-  after(() => proxy.close());
+  after(async () => {
+    await proxy.close();
+    rmSync(tmp, { recursive: true, force: true });
+  });
 
   it('after the file names the second certificate and reload(), new handshakes (wire and HTTPS admin) get it; open TLS sessions go on', async () => {
     const first = fingerprint(certs.certFile);
@@ -401,6 +404,7 @@ const external = Object.values(networkInterfaces())
 
 describe('non-loopback clients: cleartext secrets only over TLS', { skip: external === undefined ? 'no non-loopback IPv4 address' : false }, () => {
   const tmp = mkdtempSync(join(tmpdir(), 'helios-tls-remote-'));
+  after(() => rmSync(tmp, { recursive: true, force: true }));
   const userlist = join(tmp, 'userlist.txt');
   writeFileSync(userlist, '"appuser" "apppass"\n');
   const SECRET = 'a-test-secret-that-is-long-enough-for-hs256!';
