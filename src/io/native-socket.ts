@@ -3,9 +3,9 @@
 // relay's reads and writes skip Node's stream layer (native/fastio.c). Everything above this folder sees
 // the same events either way: 'data', 'drain', 'end', 'error', 'close'.
 import { EventEmitter } from 'node:events';
-import { performance } from 'node:perf_hooks';
 import { createRequire } from 'node:module';
 import { Socket } from 'node:net';
+import { performance } from 'node:perf_hooks';
 import { TLSSocket } from 'node:tls';
 import { getSystemErrorName } from 'node:util';
 
