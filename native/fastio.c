@@ -46,7 +46,7 @@ typedef struct Channel {
 // the out buffer and its triples. JS copies each read out of the read buffer before the batch call
 // returns. One set per process means one JS thread: the addon is used from the main thread only.
 static napi_env batch_env = NULL;
-static napi_ref batch_refs[5];
+static napi_ref batch_refs[4]; // the four shared buffers, kept alive
 static napi_ref on_batch = NULL;
 static napi_async_context batch_ctx;
 static uv_check_t batch_check;
@@ -465,15 +465,17 @@ static napi_value js_setup(napi_env env, napi_callback_info info) {
   size_t argc = 5;
   napi_value argv[5];
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  // Once per process, from the main thread: a second call (or a worker's) would swap buffers under the
+  // pointers already in use.
+  if (on_batch != NULL) {
+    napi_throw_error(env, NULL, "fastio.setup: already set up");
+    return NULL;
+  }
   void *rb, *ev, *ob, *os;
   size_t rb_len, ev_len, ob_len, os_len;
   if (argc < 5 || !shared_memory(env, argv[0], 0, &rb, &rb_len) || rb_len < 2 * READ_CHUNK || !shared_memory(env, argv[1], 1, &ev, &ev_len) ||
       ev_len < 3 || !shared_memory(env, argv[2], 2, &ob, &ob_len) || !shared_memory(env, argv[3], 3, &os, &os_len) || os_len < 3) {
     napi_throw_type_error(env, NULL, "fastio.setup(readBuffer, events, outBuffer, outs, onBatch)");
-    return NULL;
-  }
-  if (on_batch != NULL) {
-    napi_throw_error(env, NULL, "fastio.setup: already set up");
     return NULL;
   }
   read_buffer = rb;

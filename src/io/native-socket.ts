@@ -140,12 +140,18 @@ function flushDeferred(): void {
 }
 
 function loadFastIo(): { io: FastIo | null; why: string } {
+  let io: FastIo;
   try {
-    const io = createRequire(import.meta.url)('../../build/Release/fastio.node') as FastIo;
+    io = createRequire(import.meta.url)('../../build/Release/fastio.node') as FastIo;
+  } catch (err) {
+    return { io: null, why: `native/fastio.c not built (${err instanceof Error ? err.message.split('\n')[0] : String(err)}); run npm install with a C compiler` };
+  }
+  try {
+    // Its shared buffers belong to one thread: a worker thread keeps to Node's sockets.
     io.setup(readBuffer, events, outBuffer, outs, onBatch);
     return { io, why: 'native/fastio.c built' };
   } catch (err) {
-    return { io: null, why: `native/fastio.c not built (${err instanceof Error ? err.message.split('\n')[0] : String(err)}); run npm install with a C compiler` };
+    return { io: null, why: `native/fastio.c is in use by another thread of this process (${err instanceof Error ? err.message : String(err)})` };
   }
 }
 
